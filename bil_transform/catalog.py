@@ -1,0 +1,166 @@
+"""The catalog: which datasets exist, where their files are, and what people may search them by."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .cache import ChunkCache
+from .pyramid import DEFAULT_CHUNK, Pyramid
+from .pyramid.downsample import METHODS
+from .readers import SourceError, open_source
+from .writers.codecs import COMPRESSORS
+
+KINDS = ("image", "labels")
+KNOWN_KEYS = {"id", "path", "voxel_size", "kind", "embargo", "downsample", "compression", "chunk"}
+
+
+class CatalogError(ValueError):
+    """The catalog file itself is wrong; the message says where and how to fix it."""
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    id: str
+    path: str
+    voxel_size: tuple[float, float, float] | None = None
+    kind: str = "image"
+    embargo: bool = False
+    downsample: str | None = None  # mean | mode | stride; default by kind
+    compression: str = "blosc"
+    chunk: tuple[int, int, int] = DEFAULT_CHUNK
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+def _spec(entry: dict, where: str, base: Path) -> DatasetSpec:
+    for key in ("id", "path"):
+        if not isinstance(entry.get(key), str) or not entry[key]:
+            raise CatalogError(f"{where}: '{key}' must be a non-empty string")
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", entry["id"]):
+        raise CatalogError(f"{where}: id {entry['id']!r} may use only letters, digits, '.', '_' and '-'")
+    kind = entry.get("kind", "image")
+    if kind not in KINDS:
+        raise CatalogError(f"{where}: kind must be one of {', '.join(KINDS)}, not {kind!r}")
+    voxel = entry.get("voxel_size")
+    if voxel is not None and (len(voxel) != 3 or not all(isinstance(v, (int, float)) and v > 0 for v in voxel)):
+        raise CatalogError(f"{where}: voxel_size must be three positive numbers [z, y, x] in micrometers")
+    if entry.get("downsample", "mean") not in METHODS:
+        raise CatalogError(f"{where}: downsample must be one of {', '.join(METHODS)}")
+    if entry.get("compression", "blosc") not in COMPRESSORS:
+        raise CatalogError(f"{where}: compression must be one of {', '.join(COMPRESSORS)}")
+    chunk = entry.get("chunk", DEFAULT_CHUNK)
+    if len(chunk) != 3 or not all(isinstance(v, int) and v > 0 for v in chunk):
+        raise CatalogError(f"{where}: chunk must be three positive integers [z, y, x]")
+    path = Path(entry["path"]).expanduser()
+    metadata = {k: str(v) for k, v in entry.items() if k not in KNOWN_KEYS}
+    return DatasetSpec(
+        id=entry["id"],
+        path=str(path if path.is_absolute() else base / path),
+        voxel_size=tuple(float(v) for v in voxel) if voxel else None,
+        kind=kind,
+        embargo=bool(entry.get("embargo", False)),
+        downsample=entry.get("downsample"),
+        compression=entry.get("compression", "blosc"),
+        chunk=tuple(chunk),
+        metadata=metadata,
+    )
+
+
+def load_catalog(path: str | Path) -> list[DatasetSpec]:
+    """Parse a TOML catalog: one [[datasets]] table per dataset; relative paths are relative to the file."""
+    path = Path(path)
+    try:
+        doc = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise CatalogError(f"{path}: cannot read the catalog ({exc})") from exc
+    entries = doc.get("datasets", [])
+    if not isinstance(entries, list):
+        raise CatalogError(f"{path}: 'datasets' must be an array of tables ([[datasets]])")
+    specs = [_spec(e, f"{path}: datasets[{i}]", path.parent) for i, e in enumerate(entries)]
+    return _unique(specs, str(path))
+
+
+def specs_from_paths(paths: list[str]) -> list[DatasetSpec]:
+    """Datasets for bare PATH arguments, with ids derived from their names."""
+    specs = []
+    seen: set[str] = set()
+    for p in paths:
+        stem = re.sub(r"(\.ome)?\.(tiff?|zarr|ims)$", "", Path(p.rstrip("/")).name or "dataset", flags=re.I)
+        base = re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip("-") or "dataset"
+        ident, n = base, 1
+        while ident in seen:
+            n += 1
+            ident = f"{base}-{n}"
+        seen.add(ident)
+        specs.append(DatasetSpec(id=ident, path=str(Path(p).expanduser().resolve()) if "*" not in p else p))
+    return specs
+
+
+def _unique(specs: list[DatasetSpec], where: str) -> list[DatasetSpec]:
+    ids = [s.id for s in specs]
+    dupes = sorted({i for i in ids if ids.count(i) > 1})
+    if dupes:
+        raise CatalogError(f"{where}: dataset ids must be unique; repeated: {', '.join(dupes)}")
+    return specs
+
+
+class Dataset:
+    """A catalog entry and, if its source opened, the pyramid over it. A source that fails to
+    open is kept with its error so the server can say why, and every other dataset still works."""
+
+    def __init__(self, spec: DatasetSpec, cache: ChunkCache):
+        self.spec = spec
+        self.pyramid: Pyramid | None = None
+        self.error: str | None = None
+        try:
+            reader = open_source(spec.path)
+            overrides = {"kind": spec.kind}
+            if spec.voxel_size:
+                overrides.update(voxel_size=spec.voxel_size, voxel_size_known=True)
+            reader.volume = dataclasses.replace(reader.volume, **overrides)
+            method = spec.downsample or ("mode" if spec.kind == "labels" else "mean")
+            self.pyramid = Pyramid(reader, cache, spec.id, method=method, chunk=spec.chunk)
+        except (SourceError, ValueError, OSError) as exc:
+            self.error = str(exc)
+
+    def matches(self, query: str) -> bool:
+        """Every word of the query appears in the id, the path or a metadata value (any case)."""
+        text = " ".join([self.spec.id, self.spec.path, *self.spec.metadata.values()]).lower()
+        return all(word in text for word in query.lower().split())
+
+    def summary(self) -> dict:
+        """What the catalog and the reader know without reading voxels."""
+        doc: dict = {"id": self.spec.id, **self.spec.metadata, "kind": self.spec.kind, "embargo": self.spec.embargo}
+        if self.pyramid is None:
+            return {**doc, "status": "error", "error": self.error}
+        vol = self.pyramid.volume
+        return {
+            **doc,
+            "status": "ok",
+            "format": vol.format,
+            "shape": list(vol.shape),
+            "axes": ["t", "c", "z", "y", "x"],
+            "dtype": vol.dtype.name,
+            "voxel_size": list(vol.voxel_size),
+            "voxel_size_unit": "micrometer",
+            "voxel_size_known": vol.voxel_size_known,
+            "downsample": self.pyramid.method,
+            "levels": [
+                {"shape": list(lvl.shape), "factors": list(lvl.factors), "chunks": list(lvl.chunks),
+                 "native": lvl.native is not None}
+                for lvl in self.pyramid.levels
+            ],
+        }
+
+    def describe(self) -> dict:
+        """The summary plus channel display settings (may read one plane to estimate contrast)."""
+        doc = self.summary()
+        if self.pyramid is not None:
+            doc["channels"] = [
+                {"name": ch.name, "color": ch.color, "window": list(self.pyramid.display_window(c))}
+                for c, ch in enumerate(self.pyramid.volume.channels)
+            ]
+        return doc

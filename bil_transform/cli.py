@@ -1,0 +1,134 @@
+"""`bil-transform serve | demo | info`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+from pathlib import Path
+
+from aiohttp import web
+
+from .cache import ChunkCache
+from .catalog import CatalogError, Dataset, DatasetSpec, load_catalog, specs_from_paths
+from .readers import SourceError, open_source
+
+UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "m": 1e6, "mb": 1e6, "mib": 2**20,
+         "g": 1e9, "gb": 1e9, "gib": 2**30, "t": 1e12, "tb": 1e12, "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """'1GiB', '512MB', '1e9' -> bytes."""
+    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([A-Za-z]*)\s*", text)
+    if not m or m.group(2).lower() not in UNITS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size; write it like 1GiB, 512MB or 1000000")
+    return int(float(m.group(1)) * UNITS[m.group(2).lower()])
+
+
+def _add_server_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--cache-size", type=parse_size, default=parse_size("1GiB"), help="memory for cached chunks")
+    p.add_argument("--workers", type=int, default=None, help="worker threads (default: cores + 4)")
+
+
+def run_server(specs: list[DatasetSpec], args: argparse.Namespace) -> None:
+    from .server import create_app
+
+    cache = ChunkCache(args.cache_size)
+    datasets = {s.id: Dataset(s, cache) for s in specs}
+    base = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
+    for ds in datasets.values():
+        if ds.error:
+            print(f"  {ds.spec.id}: UNAVAILABLE: {ds.error}", file=sys.stderr)
+        else:
+            url = f"{base}/ds/{ds.spec.id}/zarr"
+            print(f"  {ds.spec.id}: {url}")
+    print(f"bil-transform serving {len(datasets)} dataset(s) at {base}/ (Ctrl-C to stop)", flush=True)
+    web.run_app(create_app(datasets, cache, args.workers), host=args.host, port=args.port, print=None,
+                access_log=None)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    if not args.config and not args.paths:
+        print("bil-transform serve: give a --config CATALOG.toml or at least one PATH", file=sys.stderr)
+        return 2
+    specs = load_catalog(args.config) if args.config else []
+    specs += specs_from_paths(args.paths)
+    run_server(specs, args)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import DEMO_SHAPE, make_demo
+
+    print(f"Preparing the demo volume ({' x '.join(map(str, DEMO_SHAPE))} uint16 TIFF slices; first run only)...",
+          file=sys.stderr)
+    path = make_demo(Path(args.data_dir) if args.data_dir else None)
+    spec = DatasetSpec(id="demo", path=str(path), metadata={
+        "title": "Synthetic mouse-brain-like stack (demo)", "technique": "synthetic serial-section fluorescence"})
+    url = f"http://{args.host}:{args.port}/ds/demo/zarr"
+    print(f"""
+Demo data: {path}
+Open it with:
+  napari:      napari --plugin napari-ome-zarr {url}
+  zarr-python: python -c "import zarr; g = zarr.open_group('{url}', mode='r'); print(g['0'].shape, g['0'][0, 0, 128, 500:510, 500:510])"
+  browser:     http://{args.host}:{args.port}/
+""")
+    run_server([spec], args)
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .pyramid import DEFAULT_CHUNK, plan_levels
+
+    try:
+        reader = open_source(args.path)
+    except SourceError as exc:
+        print(f"bil-transform info: {exc}", file=sys.stderr)
+        return 1
+    v = reader.volume
+    print(f"path:          {v.path}")
+    print(f"format:        {v.format}")
+    print(f"shape:         {v.shape} (t, c, z, y, x)")
+    print(f"dtype:         {v.dtype.name}")
+    known = "" if v.voxel_size_known else " (not in the file; set voxel_size in the catalog)"
+    print(f"voxel size:    {' x '.join(f'{s:g}' for s in v.voxel_size)} um (z, y, x){known}")
+    print(f"block shape:   {v.block_shape} (z, y, x)")
+    print(f"channels:      {', '.join(c.name for c in v.channels)}")
+    print(f"native levels: {len(v.native_levels)}")
+    for i, lvl in enumerate(v.native_levels):
+        print(f"  {i}: shape {lvl.shape}, factors {lvl.factors}")
+    levels = plan_levels(reader, DEFAULT_CHUNK)
+    print(f"served levels: {len(levels)} (chunk {DEFAULT_CHUNK})")
+    for i, lvl in enumerate(levels):
+        print(f"  {i}: shape {lvl.shape}, factors {lvl.factors}, {'native' if lvl.native is not None else 'computed'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bil-transform", description="Serve microscopy volumes as OME-Zarr, on the fly.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="serve datasets from a catalog and/or paths")
+    serve.add_argument("paths", nargs="*", metavar="PATH", help="TIFF file, slice directory or glob, or Zarr")
+    serve.add_argument("--config", metavar="CATALOG.toml", help="catalog of datasets")
+    _add_server_args(serve)
+    demo = sub.add_parser("demo", help="generate (once) and serve a synthetic brain volume")
+    demo.add_argument("--data-dir", help="where to keep the demo data (default ~/.cache/bil-transform)")
+    _add_server_args(demo)
+    info = sub.add_parser("info", help="print what the reader sees in PATH")
+    info.add_argument("path", metavar="PATH")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return {"serve": cmd_serve, "demo": cmd_demo, "info": cmd_info}[args.command](args)
+    except CatalogError as exc:
+        print(f"bil-transform: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""The resolution pyramid: native levels from the reader, then synthesized levels down to one chunk.
+
+Every level is a grid of blocks (the serving chunk shape). A synthesized block is computed
+from the parent level's blocks, which come through the shared cache, so walking the whole
+pyramid reads each source voxel once.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import dask.array as da
+import numpy as np
+
+from ..cache import ChunkCache
+from ..readers import Reader, Region
+from .downsample import METHODS
+
+DEFAULT_CHUNK = (64, 64, 64)
+
+
+@dataclass(frozen=True)
+class Level:
+    shape: tuple[int, int, int]  # z, y, x
+    factors: tuple[int, int, int]  # relative to level 0
+    chunks: tuple[int, int, int]
+    native: int | None  # index of the reader's native level, or None if synthesized
+    step: tuple[int, int, int] = (1, 1, 1)  # factors relative to the previous level
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        return tuple(-(-s // c) for s, c in zip(self.shape, self.chunks))
+
+
+def plan_levels(reader: Reader, chunk: tuple[int, int, int]) -> list[Level]:
+    """Native levels, then halve until the coarsest level fits in one chunk.
+
+    x and y halve at every step; z halves only once its voxel is no coarser than x/y's,
+    so a stack with a large z step keeps its z until x/y catch up.
+    """
+    vol = reader.volume
+
+    def clip(shape):
+        return tuple(min(c, s) for c, s in zip(chunk, shape))
+
+    levels = []
+    for i, nl in enumerate(vol.native_levels):
+        prev = levels[-1].factors if levels else (1, 1, 1)
+        levels.append(Level(nl.shape, nl.factors, clip(nl.shape), i, tuple(f // p for f, p in zip(nl.factors, prev))))
+    while any(s > c for s, c in zip(levels[-1].shape, chunk)):
+        last = levels[-1]
+        vz, vy, vx = (v * f for v, f in zip(vol.voxel_size, last.factors))
+        z, y, x = last.shape
+        xy_done = y == 1 and x == 1
+        step = (2 if z > 1 and (vz <= max(vy, vx) or xy_done) else 1, 2 if y > 1 else 1, 2 if x > 1 else 1)
+        shape = tuple(-(-s // f) for s, f in zip(last.shape, step))
+        factors = tuple(a * b for a, b in zip(last.factors, step))
+        levels.append(Level(shape, factors, clip(shape), None, step))
+    return levels
+
+
+class Pyramid:
+    def __init__(self, reader: Reader, cache: ChunkCache, key: str, method: str = "mean",
+                 chunk: tuple[int, int, int] = DEFAULT_CHUNK):
+        if method not in METHODS:
+            raise ValueError(f"unknown downsampling method {method!r}; choose one of {', '.join(METHODS)}")
+        self.reader, self.cache, self.method = reader, cache, method
+        self.volume = reader.volume
+        self.key = (key, self.volume.version, method, chunk)
+        self.levels = plan_levels(reader, chunk)
+        self._windows: dict[int, tuple[float, float]] = {}
+
+    def display_window(self, c: int) -> tuple[float, float]:
+        """Contrast limits for channel c: the source's own, else the 0.1-99.9 percentiles of a
+        central crop (at most 1024 x 1024) of the middle plane of the coarsest native level."""
+        known = self.volume.channels[c].window
+        if known is not None:
+            return known
+        if c not in self._windows:
+            native = len(self.volume.native_levels) - 1
+            z, y, x = self.volume.native_levels[native].shape
+            crop = [slice(max(0, (n - 1024) // 2), min(n, (n - 1024) // 2 + 1024)) for n in (y, x)]
+            plane = self.reader.read(native, 0, c, (slice(z // 2, z // 2 + 1), *crop))
+            lo, hi = (float(v) for v in np.percentile(plane, [0.1, 99.9]))
+            self._windows[c] = (lo, hi if hi > lo else lo + 1)
+        return self._windows[c]
+
+    def block(self, level: int, t: int, c: int, index: tuple[int, int, int]) -> np.ndarray:
+        """Block `index` of `level`, clipped to the level shape; cached and read-only."""
+        lvl = self.levels[level]
+        if not all(0 <= i < g for i, g in zip(index, lvl.grid)):
+            raise IndexError(f"block {index} is outside the grid {lvl.grid} of level {level}")
+        region = tuple(slice(i * c, min((i + 1) * c, s)) for i, c, s in zip(index, lvl.chunks, lvl.shape))
+
+        def compute() -> np.ndarray:
+            if lvl.native is not None:
+                data = self.reader.read(lvl.native, t, c, region)
+            else:
+                parent = self.levels[level - 1].shape
+                src = tuple(slice(r.start * f, min(r.stop * f, p)) for r, f, p in zip(region, lvl.step, parent))
+                data = METHODS[self.method](self.read(level - 1, t, c, src), lvl.step)
+            data = np.ascontiguousarray(data, dtype=self.volume.dtype)
+            data.flags.writeable = False
+            return data
+
+        return self.cache.get_or_compute(("block", *self.key, level, t, c, index), compute)
+
+    def read(self, level: int, t: int, c: int, region: Region) -> np.ndarray:
+        """Any (z, y, x) region of a level, assembled from its blocks."""
+        lvl = self.levels[level]
+        ranges = [range(r.start // ch, (r.stop - 1) // ch + 1) for r, ch in zip(region, lvl.chunks)]
+        if all(len(r) == 1 for r in ranges):
+            index = tuple(r[0] for r in ranges)
+            b = self.block(level, t, c, index)
+            return b[tuple(slice(r.start - i * ch, r.stop - i * ch) for r, i, ch in zip(region, index, lvl.chunks))]
+        out = np.empty([r.stop - r.start for r in region], self.volume.dtype)
+        for index in itertools.product(*ranges):
+            b = self.block(level, t, c, index)
+            lo = [i * ch for i, ch in zip(index, lvl.chunks)]
+            dst = tuple(slice(max(r.start, o) - r.start, min(r.stop, o + n) - r.start)
+                        for r, o, n in zip(region, lo, b.shape))
+            src = tuple(slice(max(r.start, o) - o, min(r.stop, o + n) - o) for r, o, n in zip(region, lo, b.shape))
+            out[dst] = b[src]
+        return out
+
+    def dask_array(self, level: int) -> da.Array:
+        """Level `level` as a lazy (t, c, z, y, x) dask array chunked like the served chunks."""
+        lvl = self.levels[level]
+        view = _LevelView(self, level)
+        name = f"bil-{'-'.join(map(str, self.key))}-{level}"
+        return da.from_array(view, chunks=(1, 1, *lvl.chunks), name=name, fancy=False, asarray=True)
+
+
+class _LevelView:
+    """Array-like adapter so dask can slice a pyramid level."""
+
+    def __init__(self, pyramid: Pyramid, level: int):
+        self.pyramid, self.level = pyramid, level
+        self.shape = (*pyramid.volume.shape[:2], *pyramid.levels[level].shape)
+        self.dtype = pyramid.volume.dtype
+        self.ndim = 5
+
+    def __getitem__(self, key: tuple) -> np.ndarray:
+        key = tuple(key) + (slice(None),) * (5 - len(key))
+        slices = [slice(*k.indices(n)[:2]) if isinstance(k, slice) else slice(k, k + 1) for k, n in zip(key, self.shape)]
+        ts, cs, *region = slices
+        out = np.empty([max(0, s.stop - s.start) for s in slices], self.dtype)
+        if out.size:
+            for t, c in itertools.product(range(ts.start, ts.stop), range(cs.start, cs.stop)):
+                out[t - ts.start, c - cs.start] = self.pyramid.read(self.level, t, c, tuple(region))
+        return out[tuple(0 if isinstance(k, int) else slice(None) for k in key)]

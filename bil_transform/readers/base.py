@@ -1,0 +1,95 @@
+"""The one model every reader produces: a `Volume` with (t, c, z, y, x) axes."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol, Sequence
+
+import numpy as np
+
+Region = tuple[slice, slice, slice]  # z, y, x; start/stop always set, step 1
+
+
+class SourceError(Exception):
+    """A source file cannot be read. The message names the file and says why."""
+
+
+@dataclass(frozen=True)
+class Channel:
+    name: str
+    color: str = "FFFFFF"  # 6 hex digits, no '#'
+    window: tuple[float, float] | None = None  # display start/end, where the source has one
+
+
+@dataclass(frozen=True)
+class NativeLevel:
+    """A resolution level the source stores itself."""
+
+    shape: tuple[int, int, int]  # z, y, x
+    factors: tuple[int, int, int]  # integer downsampling of level 0, z, y, x
+
+
+@dataclass(frozen=True)
+class Volume:
+    """What a reader sees. Axes are always (t, c, z, y, x)."""
+
+    format: str
+    path: str
+    shape: tuple[int, int, int, int, int]
+    dtype: np.dtype
+    voxel_size: tuple[float, float, float]  # z, y, x micrometers at level 0
+    native_levels: tuple[NativeLevel, ...]
+    block_shape: tuple[int, int, int]  # natural read unit of the source, z, y, x
+    version: str
+    channels: tuple[Channel, ...] = ()
+    origin: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    voxel_size_known: bool = True
+    kind: str = "image"
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def spatial_shape(self) -> tuple[int, int, int]:
+        return self.shape[2:]
+
+
+class Reader(Protocol):
+    volume: Volume
+
+    def read(self, level: int, t: int, c: int, region: Region) -> np.ndarray:
+        """Return the (z, y, x) block `region` of native `level`, reading only what it needs.
+
+        Must be thread-safe. Raises SourceError naming the file for unreadable data.
+        """
+        ...
+
+
+def natural_key(name: str) -> list:
+    """Sort key that orders 'z2' before 'z10'."""
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
+
+
+def version_token(paths: Sequence[Path]) -> str:
+    """A short token that changes when any of the files changes (name, size or mtime)."""
+    h = hashlib.blake2b(digest_size=8)
+    for p in paths:
+        st = os.stat(p)
+        h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+    return h.hexdigest()
+
+
+def default_channels(n: int) -> tuple[Channel, ...]:
+    """Grey for one channel; green, magenta, cyan, ... for several (readable on black)."""
+    if n == 1:
+        return (Channel("ch0"),)
+    palette = ["00FF00", "FF00FF", "00FFFF", "FF0000", "0000FF", "FFFF00", "FFFFFF"]
+    return tuple(Channel(f"ch{i}", palette[i % len(palette)]) for i in range(n))
+
+
+def check_region(shape: Sequence[int], region: Region) -> None:
+    for s, n in zip(region, shape):
+        if not (0 <= s.start <= s.stop <= n):
+            raise ValueError(f"region {region} is outside the level shape {tuple(shape)}")

@@ -1,0 +1,229 @@
+"""TIFF sources: one multi-page (Big)TIFF or OME-TIFF file, or a stack of 2-D slices.
+
+Regions are read by decoding only the strips or tiles they overlap, straight from
+the file offsets tifffile parses; a slice stack opens only the slices a region spans.
+"""
+
+from __future__ import annotations
+
+import glob
+import threading
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import tifffile
+
+from .base import (
+    NativeLevel,
+    Region,
+    SourceError,
+    Volume,
+    check_region,
+    default_channels,
+    natural_key,
+    version_token,
+)
+
+TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8", ".ome.tif", ".ome.tiff")
+UM_PER_UNIT = {
+    "m": 1e6, "mm": 1e3, "cm": 1e4, "um": 1.0, "µm": 1.0, "\\u00b5m": 1.0, "micron": 1.0,
+    "microns": 1.0, "micrometer": 1.0, "nm": 1e-3, "nanometer": 1e-3, "pm": 1e-6,
+}
+
+
+def read_page_region(page, fh, ys: slice, xs: slice, sample: int = 0) -> np.ndarray:
+    """Decode the strips/tiles of one page that overlap rows `ys` and columns `xs`."""
+    key = page.keyframe
+    out = np.zeros((ys.stop - ys.start, xs.stop - xs.start), key.dtype)
+    if out.size == 0:
+        return out
+    seg_h, seg_w = key.chunks[0], key.chunks[1]
+    n_rows, n_cols = key.chunked[0], key.chunked[1]
+    plane = sample * n_rows * n_cols if key.planarconfig == 2 else 0
+    offsets, counts = page.dataoffsets, page.databytecounts
+    for row in range(ys.start // seg_h, (ys.stop - 1) // seg_h + 1):
+        for col in range(xs.start // seg_w, (xs.stop - 1) // seg_w + 1):
+            index = plane + row * n_cols + col
+            if counts[index] == 0:
+                continue  # sparse segment: fill value
+            fh.seek(offsets[index])
+            data = fh.read(counts[index])
+            if len(data) != counts[index]:
+                raise SourceError(f"{fh.path}: file is truncated (segment {index} ends past the end)")
+            segment, (_, _, y0, x0, _), _ = key.decode(data, index, jpegtables=key.jpegtables)
+            segment = segment[0, :, :, 0 if key.planarconfig == 2 else sample]
+            y_a, y_b = max(ys.start, y0), min(ys.stop, y0 + segment.shape[0])
+            x_a, x_b = max(xs.start, x0), min(xs.stop, x0 + segment.shape[1])
+            out[y_a - ys.start:y_b - ys.start, x_a - xs.start:x_b - xs.start] = segment[
+                y_a - y0:y_b - y0, x_a - x0:x_b - x0
+            ]
+    return out
+
+
+def _voxel_size(tf: tifffile.TiffFile) -> tuple[float, float, float] | None:
+    """Physical voxel size (z, y, x) in micrometers from OME-XML, ImageJ or resolution tags."""
+    if tf.is_ome and tf.ome_metadata:
+        try:
+            root = ET.fromstring(tf.ome_metadata)
+            pixels = next(el for el in root.iter() if el.tag.endswith("Pixels"))
+            sizes = []
+            for ax in "ZYX":
+                value = pixels.get(f"PhysicalSize{ax}")
+                unit = pixels.get(f"PhysicalSize{ax}Unit", "µm")
+                sizes.append(float(value) * UM_PER_UNIT.get(unit, 1.0) if value else 1.0)
+            if pixels.get("PhysicalSizeX"):
+                return tuple(sizes)
+        except (ET.ParseError, StopIteration, ValueError):
+            pass
+    page = tf.pages.first
+    tags = page.tags
+    if "XResolution" not in tags or "YResolution" not in tags:
+        return None
+    ij = tf.imagej_metadata or {}
+    unit = ij.get("unit")
+    if unit is not None:
+        scale = UM_PER_UNIT.get(str(unit).lower())
+    else:
+        scale = {2: 25400.0, 3: 10000.0}.get(int(tags["ResolutionUnit"].value) if "ResolutionUnit" in tags else 2)
+    if scale is None:
+        return None
+    xres, yres = (n / d if d else 0 for n, d in (tags["XResolution"].value, tags["YResolution"].value))
+    if xres <= 0 or yres <= 0 or (xres == 1 and yres == 1 and unit is None):
+        return None  # the tifffile default of 1 pixel per inch carries no information
+    x, y = scale / xres, scale / yres
+    z = float(ij["spacing"]) * scale if "spacing" in ij and unit is not None else x
+    return (z, y, x)
+
+
+def _open(path: Path) -> tifffile.TiffFile:
+    try:
+        return tifffile.TiffFile(path)
+    except Exception as exc:  # tifffile raises many types for broken files
+        raise SourceError(f"{path}: not a readable TIFF ({exc})") from exc
+
+
+class TiffFileReader:
+    """One multi-page TIFF: pages are z (and t/c where the series says so); OME SubIFD levels are native."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._local = threading.local()
+        with _open(self.path) as tf:
+            series = tf.series[0]
+            key = series.keyframe
+            samples = key.samplesperpixel if key.planarconfig in (1, 2) else 1
+            axes = series.axes
+            lead = [(a, n) for a, n in zip(axes, series.shape) if a not in "YXS"]
+            self._lead_shape = tuple(n for _, n in lead)
+            self._lead_axes = "".join("z" if a not in "TC" else a.lower() for a, _ in lead)
+            if self._lead_axes.count("z") > 1 or (samples > 1 and "c" in self._lead_axes):
+                raise SourceError(f"{self.path}: unsupported TIFF series axes {axes!r}")
+            size = {a: n for a, n in zip(self._lead_axes, self._lead_shape)}
+            self._samples = samples
+            n_c = size.get("c", 1) * samples
+            levels = []
+            y0, x0 = key.imagelength, key.imagewidth
+            for lvl in series.levels:
+                k = lvl.keyframe
+                fy, fx = round(y0 / k.imagelength), round(x0 / k.imagewidth)
+                levels.append(NativeLevel((size.get("z", 1), k.imagelength, k.imagewidth), (1, fy, fx)))
+            voxel = _voxel_size(tf)
+            self.volume = Volume(
+                format="tiff",
+                path=str(self.path),
+                shape=(size.get("t", 1), n_c, size.get("z", 1), y0, x0),
+                dtype=np.dtype(key.dtype),
+                voxel_size=voxel or (1.0, 1.0, 1.0),
+                voxel_size_known=voxel is not None,
+                native_levels=tuple(levels),
+                block_shape=(1, min(key.chunks[0], y0), min(key.chunks[1], x0)),
+                version=version_token([self.path]),
+                channels=default_channels(n_c),
+            )
+
+    def _file(self) -> tifffile.TiffFile:
+        tf = getattr(self._local, "tf", None)
+        if tf is None:
+            tf = self._local.tf = _open(self.path)
+        return tf
+
+    def read(self, level: int, t: int, c: int, region: Region) -> np.ndarray:
+        check_region(self.volume.native_levels[level].shape, region)
+        tf = self._file()
+        pages = tf.series[0].levels[level].pages
+        c_axis, sample = divmod(c, self._samples)
+        zs, ys, xs = region
+        out = np.empty([s.stop - s.start for s in region], self.volume.dtype)
+        for i, z in enumerate(range(zs.start, zs.stop)):
+            index = {"t": t, "c": c_axis, "z": z}
+            flat = np.ravel_multi_index([index[a] for a in self._lead_axes], self._lead_shape) if self._lead_axes else 0
+            try:
+                out[i] = read_page_region(pages[int(flat)], tf.filehandle, ys, xs, sample)
+            except SourceError:
+                raise
+            except Exception as exc:
+                raise SourceError(f"{self.path}: cannot decode page {flat} ({exc})") from exc
+        return out
+
+
+def stack_files(path: Path | str) -> list[Path]:
+    """The slice files of a directory or glob, in natural order."""
+    p = Path(path)
+    if p.is_dir():
+        files = [f for f in p.iterdir() if f.is_file() and f.name.lower().endswith(TIFF_SUFFIXES)]
+    else:
+        files = [Path(f) for f in glob.glob(str(path)) if Path(f).is_file()]
+    return sorted(files, key=lambda f: natural_key(f.name))
+
+
+class TiffStackReader:
+    """A directory or glob of 2-D TIFF slices, one per z. Only the first slice is opened up front;
+    every other slice is checked against it when a region first touches it."""
+
+    def __init__(self, path: Path | str, files: list[Path] | None = None):
+        self.files = files if files is not None else stack_files(path)
+        if not self.files:
+            raise SourceError(f"{path}: no TIFF slices found")
+        with _open(self.files[0]) as tf:
+            page = tf.pages.first
+            if page.samplesperpixel > 1 and page.planarconfig not in (1, 2):
+                raise SourceError(f"{self.files[0]}: unsupported sample layout")
+            self._slice = (page.imagelength, page.imagewidth, page.samplesperpixel, np.dtype(page.dtype))
+            voxel = _voxel_size(tf)
+            chunks = page.chunks
+        y, x, samples, dtype = self._slice
+        self.volume = Volume(
+            format="tiff-stack",
+            path=str(path),
+            shape=(1, samples, len(self.files), y, x),
+            dtype=dtype,
+            voxel_size=voxel or (1.0, 1.0, 1.0),
+            voxel_size_known=voxel is not None,
+            native_levels=(NativeLevel((len(self.files), y, x), (1, 1, 1)),),
+            block_shape=(1, min(chunks[0], y), min(chunks[1], x)),
+            version=version_token(self.files),
+            channels=default_channels(samples),
+        )
+
+    def read(self, level: int, t: int, c: int, region: Region) -> np.ndarray:
+        check_region(self.volume.spatial_shape, region)
+        zs, ys, xs = region
+        out = np.empty([s.stop - s.start for s in region], self.volume.dtype)
+        for i, f in enumerate(self.files[zs]):
+            with _open(f) as tf:
+                page = tf.pages.first
+                found = (page.imagelength, page.imagewidth, page.samplesperpixel, np.dtype(page.dtype))
+                if found != self._slice:
+                    raise SourceError(
+                        f"{f}: slice is {found[0]}x{found[1]}x{found[2]} {found[3]}, "
+                        f"the stack is {self._slice[0]}x{self._slice[1]}x{self._slice[2]} {self._slice[3]}"
+                    )
+                try:
+                    out[i] = read_page_region(page, tf.filehandle, ys, xs, c)
+                except SourceError:
+                    raise
+                except Exception as exc:
+                    raise SourceError(f"{f}: cannot decode ({exc})") from exc
+        return out
+

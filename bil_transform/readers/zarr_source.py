@@ -1,0 +1,107 @@
+"""Zarr sources: a v2 or v3 array, or an OME-Zarr 0.4/0.5 multiscale group whose levels are native."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from .base import Channel, NativeLevel, Region, SourceError, Volume, check_region, default_channels, version_token
+from .tiff import UM_PER_UNIT
+
+UM_PER_UNIT_NAME = {**UM_PER_UNIT, "micrometer": 1.0, "millimeter": 1e3, "meter": 1e6, "nanometer": 1e-3}
+DEFAULT_AXES = {2: "yx", 3: "zyx", 4: "czyx", 5: "tczyx"}
+METADATA_FILES = ("zarr.json", ".zarray", ".zattrs", ".zgroup")
+
+
+def is_zarr(path: Path) -> bool:
+    return path.is_dir() and any((path / name).exists() for name in METADATA_FILES)
+
+
+def _ome_attrs(group: zarr.Group) -> dict | None:
+    attrs = dict(group.attrs)
+    ome = attrs.get("ome", attrs)
+    return ome if "multiscales" in ome else None
+
+
+class ZarrReader:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        try:
+            node = zarr.open(str(self.path), mode="r")
+        except Exception as exc:
+            raise SourceError(f"{self.path}: not a readable Zarr array or group ({exc})") from exc
+        channels: tuple[Channel, ...] = ()
+        voxel, voxel_known = (1.0, 1.0, 1.0), False
+        if isinstance(node, zarr.Array):
+            arrays, axes = [node], DEFAULT_AXES.get(node.ndim)
+        else:
+            ome = _ome_attrs(node)
+            if ome is None:
+                raise SourceError(f"{self.path}: Zarr group without OME multiscales metadata")
+            ms = ome["multiscales"][0]
+            axes = "".join(a["name"] if isinstance(a, dict) else a for a in ms.get("axes", [])) or None
+            arrays = [node[d["path"]] for d in ms["datasets"]]
+            axes = axes or DEFAULT_AXES.get(arrays[0].ndim)
+            voxel, voxel_known = self._voxel_size(ms, axes)
+            channels = self._channels(ome.get("omero"))
+        if axes is None or not set(axes) <= set("tczyx") or len(axes) != arrays[0].ndim or not axes.endswith("yx"):
+            raise SourceError(f"{self.path}: unsupported axes {axes!r} for a {arrays[0].ndim}-D array")
+        self._axes, self._arrays = axes, arrays
+        full = dict(zip(axes, arrays[0].shape))
+        shape = (full.get("t", 1), full.get("c", 1), full.get("z", 1), full["y"], full["x"])
+        levels = []
+        for a in arrays:
+            s = dict(zip(axes, a.shape))
+            lvl = (s.get("z", 1), s["y"], s["x"])
+            levels.append(NativeLevel(lvl, tuple(max(1, round(n0 / n)) for n0, n in zip(shape[2:], lvl))))
+        chunks = dict(zip(axes, arrays[0].chunks))
+        meta = [p for a in arrays for n in METADATA_FILES if (p := self.path / a.path / n).exists()]
+        meta += [p for n in METADATA_FILES if (p := self.path / n).exists()]
+        if len(channels) != shape[1]:
+            channels = default_channels(shape[1])
+        self.volume = Volume(
+            format=f"zarr-v{arrays[0].metadata.zarr_format}",
+            path=str(self.path),
+            shape=shape,
+            dtype=np.dtype(arrays[0].dtype),
+            voxel_size=voxel,
+            voxel_size_known=voxel_known,
+            native_levels=tuple(levels),
+            block_shape=(chunks.get("z", 1), chunks["y"], chunks["x"]),
+            version=version_token(sorted(set(meta))),
+            channels=channels,
+        )
+
+    @staticmethod
+    def _voxel_size(ms: dict, axes: str) -> tuple[tuple[float, float, float], bool]:
+        scale = next(
+            (t["scale"] for t in ms["datasets"][0].get("coordinateTransformations", []) if t["type"] == "scale"),
+            None,
+        )
+        if scale is None:
+            return (1.0, 1.0, 1.0), False
+        units = {a.get("name"): a.get("unit") for a in ms.get("axes", []) if isinstance(a, dict)}
+        size = {a: s * UM_PER_UNIT_NAME.get(units.get(a) or "micrometer", 1.0) for a, s in zip(axes, scale)}
+        return (size.get("z", 1.0), size["y"], size["x"]), True
+
+    @staticmethod
+    def _channels(omero: dict | None) -> tuple[Channel, ...]:
+        if not omero:
+            return ()
+        out = []
+        for i, ch in enumerate(omero.get("channels", [])):
+            w = ch.get("window") or {}
+            window = (float(w["start"]), float(w["end"])) if "start" in w and "end" in w else None
+            out.append(Channel(str(ch.get("label", f"ch{i}")), str(ch.get("color", "FFFFFF")), window))
+        return tuple(out)
+
+    def read(self, level: int, t: int, c: int, region: Region) -> np.ndarray:
+        check_region(self.volume.native_levels[level].shape, region)
+        index = {"t": t, "c": c, "z": region[0], "y": region[1], "x": region[2]}
+        try:
+            block = self._arrays[level][tuple(index[a] for a in self._axes)]
+        except Exception as exc:
+            raise SourceError(f"{self.path}: cannot read level {level} ({exc})") from exc
+        return block if block.ndim == 3 else block[np.newaxis]
