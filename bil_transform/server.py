@@ -42,7 +42,10 @@ def _error(status: int, message: str) -> web.Response:
 
 @web.middleware
 async def errors_and_cors(request: web.Request, handler: Callable) -> web.StreamResponse:
-    """Every response carries CORS headers; every failure is one sentence with the right status."""
+    """Every response carries CORS headers; every failure is one sentence with the right status.
+    OPTIONS preflights are answered here for every path, so routes need not list them."""
+    if request.method == "OPTIONS":
+        return web.Response(status=204, headers=PREFLIGHT)
     try:
         response = await handler(request)
     except web.HTTPException as exc:
@@ -181,10 +184,6 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
 
 
-async def preflight(request: web.Request) -> web.Response:
-    return web.Response(status=204, headers=PREFLIGHT)
-
-
 def create_app(datasets: dict[str, Dataset], cache: ChunkCache, workers: int | None = None) -> web.Application:
     app = web.Application(middlewares=[errors_and_cors])
     workers = workers or min(32, (os.cpu_count() or 1) + 4)
@@ -197,7 +196,6 @@ def create_app(datasets: dict[str, Dataset], cache: ChunkCache, workers: int | N
     app.router.add_get("/api/datasets", list_datasets)
     app.router.add_get("/api/datasets/{id}", get_dataset)
     app.router.add_get("/ds/{id}/zarr/{key:.*}", zarr_v2)
-    app.router.add_route("OPTIONS", "/{tail:.*}", preflight)
 
     async def shutdown(app: web.Application) -> None:
         pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,40 @@
+"""Independent numpy references for the pyramid: written from the definition, not from the server's code.
+
+A level-L voxel is the reduction of the level-(L-1) window it covers; windows at the far edge
+hold only the voxels that exist. Integer means round half up.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def downsample_mean(a: np.ndarray, factors: tuple[int, int, int]) -> np.ndarray:
+    """Mean over windows of the last three axes, by summing with np.add.reduceat."""
+    sums = a.astype(np.float64)
+    counts = np.ones(a.shape, np.float64)
+    for axis, f in zip((-3, -2, -1), factors):
+        starts = np.arange(0, a.shape[axis], f)
+        sums = np.add.reduceat(sums, starts, axis=axis)
+        counts = np.add.reduceat(counts, starts, axis=axis)
+    mean = sums / counts
+    if np.issubdtype(a.dtype, np.integer):
+        mean = np.floor(mean + 0.5)
+    return mean.astype(a.dtype)
+
+
+def downsample_mode(a: np.ndarray, factors: tuple[int, int, int]) -> np.ndarray:
+    """Most frequent value per window (smallest wins a tie), one window at a time."""
+    fz, fy, fx = factors
+    lead = a.shape[:-3]
+    out = np.empty(lead + tuple(-(-n // f) for n, f in zip(a.shape[-3:], factors)), a.dtype)
+    for idx in np.ndindex(out.shape):
+        *pre, z, y, x = idx
+        window = a[tuple(pre) + (slice(z * fz, (z + 1) * fz), slice(y * fy, (y + 1) * fy), slice(x * fx, (x + 1) * fx))]
+        values, counts = np.unique(window, return_counts=True)
+        out[idx] = values[np.argmax(counts)]
+    return out
+
+
+def downsample(a: np.ndarray, factors: tuple[int, int, int], method: str) -> np.ndarray:
+    return {"mean": downsample_mean, "mode": downsample_mode}[method](a, factors)

@@ -1,0 +1,85 @@
+"""Broken sources fail only the chunks that touch them, with the file named; the server stays up."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import requests
+import tifffile
+import zarr
+
+from conftest import Server
+
+Z = 70  # two z-chunks of 64: chunk 0 holds planes 0-63, chunk 1 planes 64-69
+BAD_PLANE = 66
+
+
+@pytest.fixture(scope="module")
+def broken(tmp_path_factory):
+    root = tmp_path_factory.mktemp("broken")
+    plane = np.arange(40 * 50, dtype=np.uint16).reshape(40, 50)
+    for name in ("good", "truncated", "mismatched"):
+        (root / name).mkdir()
+        for z in range(Z):
+            tifffile.imwrite(root / name / f"z{z:03d}.tif", plane + z)
+    bad = root / "truncated" / f"z{BAD_PLANE:03d}.tif"
+    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
+    tifffile.imwrite(root / "mismatched" / f"z{BAD_PLANE:03d}.tif", np.zeros((41, 50), np.uint16))
+    (root / "notasource").mkdir()
+    (root / "notasource" / "readme.txt").write_text("hello")
+    catalog = root / "catalog.toml"
+    catalog.write_text("".join(f'[[datasets]]\nid = "{n}"\npath = "{p}"\n\n' for n, p in [
+        ("good", "good"), ("truncated", "truncated"), ("mismatched", "mismatched"),
+        ("missing", "does/not/exist"), ("notasource", "notasource")]))
+    srv = Server(catalog)
+    yield srv, root, plane
+    srv.stop()
+
+
+def test_unreadable_paths_are_listed_with_their_reason(broken):
+    srv, root, _ = broken
+    listed = {d["id"]: d for d in requests.get(srv.url("/api/datasets")).json()}
+    assert listed["good"]["status"] == listed["truncated"]["status"] == "ok"
+    assert listed["missing"]["status"] == "error" and "does/not/exist" in listed["missing"]["error"]
+    assert "no such file" in listed["missing"]["error"]
+    assert listed["notasource"]["status"] == "error" and "not a supported source" in listed["notasource"]["error"]
+    r = requests.get(srv.url("/ds/missing/zarr/.zattrs"))
+    assert r.status_code == 404 and "unavailable" in r.text and "does/not/exist" in r.text
+
+
+@pytest.mark.parametrize("ds,why", [("truncated", "truncated"), ("mismatched", "41x50")])
+def test_only_chunks_touching_the_bad_slice_fail(broken, ds, why):
+    srv, root, plane = broken
+    ok = requests.get(srv.url(f"/ds/{ds}/zarr/0/0/0/0/0/0"))
+    assert ok.status_code == 200
+    bad = requests.get(srv.url(f"/ds/{ds}/zarr/0/0/0/1/0/0"))
+    assert bad.status_code == 500
+    assert f"z{BAD_PLANE:03d}.tif" in bad.text and why in bad.text
+    assert bad.headers["Access-Control-Allow-Origin"] == "*"
+    # a coarser level built from the bad slice fails the same way, and is not cached as a success
+    coarse = requests.get(srv.url(f"/ds/{ds}/zarr/1/0/0/0/0/0"))
+    assert coarse.status_code == 500 and f"z{BAD_PLANE:03d}.tif" in coarse.text
+    # zarr-python reads the good part exactly
+    array = zarr.open_group(srv.url(f"/ds/{ds}/zarr"), mode="r")["0"]
+    expected = np.stack([plane + z for z in range(64)])
+    np.testing.assert_array_equal(array[0, 0, :64], expected)
+
+
+def test_server_keeps_serving_after_errors(broken):
+    srv, _, plane = broken
+    for _ in range(3):
+        requests.get(srv.url("/ds/truncated/zarr/0/0/0/1/0/0"))
+    assert srv.alive()
+    good = zarr.open_group(srv.url("/ds/good/zarr"), mode="r")["0"][0, 0]
+    np.testing.assert_array_equal(good, np.stack([plane + z for z in range(Z)]))
+
+
+def test_bad_catalog_is_a_clear_cli_error(tmp_path):
+    import subprocess
+    import sys
+
+    catalog = tmp_path / "bad.toml"
+    catalog.write_text('[[datasets]]\nid = "a b"\npath = "x"\n')
+    run = subprocess.run([sys.executable, "-m", "bil_transform", "serve", "--config", str(catalog)],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and "id 'a b' may use only letters" in run.stderr
