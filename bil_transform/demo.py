@@ -12,7 +12,8 @@ import tifffile
 
 DEMO_SHAPE = (256, 1024, 1024)  # z, y, x
 DEMO_VOXEL = (2.0, 0.5, 0.5)  # micrometers: z steps 4x coarser than x/y, as in serial-section imaging
-DEMO_NAME = "demo-brain-v1"
+DEMO_NAME = "demo-brain-v2"
+CELL_PERIOD = 16  # slices
 
 
 def default_data_dir() -> Path:
@@ -41,8 +42,10 @@ def brain_slice(z: int, shape: tuple[int, int, int], textures: list[np.ndarray],
     depth = np.clip(1 - r, 0, 1)
     layers = 0.6 + 0.4 * np.cos(depth * 40) * np.exp(-depth * 6)
     ventricle = np.exp(-(((np.abs(xn) - 0.18) / 0.06) ** 2 + (yn / 0.25) ** 2 + (zn / 0.5) ** 2))
-    w = 0.5 + 0.5 * np.sin(z / 9.0)
-    cells = w * textures[0] + (1 - w) * np.roll(textures[1], z * 3, axis=1)
+    cells = np.zeros((ny, nx), np.float32)
+    for k, tex in enumerate(textures):  # each cell layer lives a few slices, then moves: round 3-D cells
+        phase = (z / CELL_PERIOD - k / len(textures)) % 1.0
+        cells += np.exp(-(((phase - 0.5) / 0.12) ** 2)) * np.roll(tex, int(z // CELL_PERIOD) * 97, axis=1)
     signal = inside * (600 * layers + 2500 * cells - 500 * ventricle) + 100
     noisy = rng.poisson(np.clip(signal, 0, None)).astype(np.float32)
     return np.clip(noisy, 0, 65535).astype(np.uint16)
@@ -57,7 +60,7 @@ def make_demo(data_dir: Path | None = None, shape: tuple[int, int, int] = DEMO_S
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     rng = np.random.default_rng(2026)
-    textures = [_cell_texture(rng, shape[1:], 4000, 3.0), _cell_texture(rng, shape[1:], 2500, 4.0)]
+    textures = [_cell_texture(rng, shape[1:], 1500, 4.0) for _ in range(4)]
     for z in range(shape[0]):
         plane = brain_slice(z, shape, textures, rng)
         tifffile.imwrite(

@@ -77,12 +77,25 @@ def test_tiled_file_decodes_only_overlapping_tiles(tmp_path, monkeypatch):
 
 def test_strip_file_decodes_only_overlapping_strips(tmp_path, monkeypatch):
     data = np.random.default_rng(2).integers(0, 60000, (3, 100, 40), np.uint16)
-    tifffile.imwrite(tmp_path / "s.tif", data, rowsperstrip=10, photometric="minisblack")
+    tifffile.imwrite(tmp_path / "s.tif", data, rowsperstrip=10, compression="zlib", photometric="minisblack")
     reader = open_source(tmp_path / "s.tif")
     count = Counter(monkeypatch)
     region = (slice(2, 3), slice(15, 35), slice(0, 40))  # strips 1, 2, 3 of the last page
     np.testing.assert_array_equal(reader.read(0, 0, 0, region), data[region])
     assert count.decodes == 3
+
+
+def test_uncompressed_plane_reads_only_the_rows_a_region_needs(tmp_path, monkeypatch):
+    data = np.random.default_rng(6).integers(0, 60000, (2, 1000, 500), np.uint16)
+    tifffile.imwrite(tmp_path / "u.tif", data, photometric="minisblack")  # one strip per plane
+    reader = open_source(tmp_path / "u.tif")
+    region = (slice(1, 2), slice(100, 164), slice(200, 264))
+    np.testing.assert_array_equal(reader.read(0, 0, 0, region), data[region])  # opens the thread's handle
+    read_sizes = []
+    original = tifffile.FileHandle.read
+    monkeypatch.setattr(tifffile.FileHandle, "read", lambda self, n=-1: read_sizes.append(n) or original(self, n))
+    np.testing.assert_array_equal(reader.read(0, 0, 0, region), data[region])
+    assert read_sizes == [64 * 500 * 2]  # 64 whole rows, not the 1 MB plane
 
 
 def test_unsupported_paths_say_why(tmp_path):

@@ -33,32 +33,69 @@ UM_PER_UNIT = {
 
 
 def read_page_region(page, fh, ys: slice, xs: slice, sample: int = 0) -> np.ndarray:
-    """Decode the strips/tiles of one page that overlap rows `ys` and columns `xs`."""
+    """Decode the strips/tiles of one page that overlap rows `ys` and columns `xs`.
+
+    Uncompressed segments are read row by row range: a single-strip plane costs the rows
+    a region needs, not the whole plane. Compressed segments are decoded whole.
+    """
     key = page.keyframe
     out = np.zeros((ys.stop - ys.start, xs.stop - xs.start), key.dtype)
     if out.size == 0:
         return out
     seg_h, seg_w = key.chunks[0], key.chunks[1]
     n_rows, n_cols = key.chunked[0], key.chunked[1]
-    plane = sample * n_rows * n_cols if key.planarconfig == 2 else 0
+    separate = key.planarconfig == 2
+    plane = sample * n_rows * n_cols if separate else 0
+    raw = _raw_dtype(key)
     offsets, counts = page.dataoffsets, page.databytecounts
     for row in range(ys.start // seg_h, (ys.stop - 1) // seg_h + 1):
         for col in range(xs.start // seg_w, (xs.stop - 1) // seg_w + 1):
             index = plane + row * n_cols + col
             if counts[index] == 0:
                 continue  # sparse segment: fill value
-            fh.seek(offsets[index])
-            data = fh.read(counts[index])
-            if len(data) != counts[index]:
-                raise SourceError(f"{fh.path}: file is truncated (segment {index} ends past the end)")
-            segment, (_, _, y0, x0, _), _ = key.decode(data, index, jpegtables=key.jpegtables)
-            segment = segment[0, :, :, 0 if key.planarconfig == 2 else sample]
+            y0, x0 = row * seg_h, col * seg_w
+            if raw is not None:
+                first = max(ys.start - y0, 0)
+                segment = _raw_rows(fh, raw, offsets[index], seg_w, 1 if separate else key.samplesperpixel,
+                                    first, min(ys.stop - y0, seg_h))
+                y0 += first
+            else:
+                segment = _decoded(key, fh, offsets[index], counts[index], index)[0]
+            segment = segment[:, :, 0 if separate else sample]
             y_a, y_b = max(ys.start, y0), min(ys.stop, y0 + segment.shape[0])
             x_a, x_b = max(xs.start, x0), min(xs.stop, x0 + segment.shape[1])
             out[y_a - ys.start:y_b - ys.start, x_a - xs.start:x_b - xs.start] = segment[
                 y_a - y0:y_b - y0, x_a - x0:x_b - x0
             ]
     return out
+
+
+def _raw_dtype(key) -> np.dtype | None:
+    """The on-disk dtype of uncompressed, byte-aligned segments; None if they need decoding."""
+    if key.compression != 1 or key.predictor != 1 or key.fillorder != 1 or key.dtype is None:
+        return None
+    if key.bitspersample != 8 * np.dtype(key.dtype).itemsize:
+        return None
+    return np.dtype(key.dtype).newbyteorder(key.parent.byteorder)
+
+
+def _raw_rows(fh, dtype: np.dtype, offset: int, width: int, samples: int, first: int, stop: int) -> np.ndarray:
+    """Rows [first, stop) of an uncompressed segment, as (rows, width, samples)."""
+    row_bytes = width * samples * dtype.itemsize
+    fh.seek(offset + first * row_bytes)
+    data = fh.read((stop - first) * row_bytes)
+    if len(data) != (stop - first) * row_bytes:
+        raise SourceError(f"{fh.path}: file is truncated (image data ends past the end of the file)")
+    return np.frombuffer(data, dtype).reshape(stop - first, width, samples)
+
+
+def _decoded(key, fh, offset: int, count: int, index: int) -> np.ndarray:
+    """One compressed segment, decoded whole: (depth, rows, width, samples)."""
+    fh.seek(offset)
+    data = fh.read(count)
+    if len(data) != count:
+        raise SourceError(f"{fh.path}: file is truncated (segment {index} ends past the end)")
+    return key.decode(data, index, jpegtables=key.jpegtables)[0]
 
 
 def _voxel_size(tf: tifffile.TiffFile) -> tuple[float, float, float] | None:
@@ -146,6 +183,7 @@ class TiffFileReader:
         tf = getattr(self._local, "tf", None)
         if tf is None:
             tf = self._local.tf = _open(self.path)
+            tf.pages.cache = True  # parse each page's IFD once per thread, not on every read
         return tf
 
     def read(self, level: int, t: int, c: int, region: Region) -> np.ndarray:
