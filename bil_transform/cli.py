@@ -73,7 +73,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 Demo data: {path}
 Open it with:
   napari:      napari --plugin napari-ome-zarr {url}
-  zarr-python: python -c "import zarr; g = zarr.open_group('{url}', mode='r'); print(g['0'].shape, g['0'][0, 0, 128, 500:510, 500:510])"
+  zarr-python: python -c "import zarr; a = zarr.open_group('{url}', mode='r')['0']; print(a.shape, a[0, 0, 128, 500:504, 500:504])"
   browser:     http://{args.host}:{args.port}/
 """)
     run_server([spec], args)
@@ -108,7 +108,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bil-transform", description="Serve microscopy volumes as OME-Zarr, on the fly.")
+    parser = argparse.ArgumentParser(prog="bil-transform",
+                                     description="Serve microscopy volumes as OME-Zarr, on the fly.")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="serve datasets from a catalog and/or paths")
     serve.add_argument("paths", nargs="*", metavar="PATH", help="TIFF file, slice directory or glob, or Zarr")

@@ -31,7 +31,8 @@ def _cell_texture(rng: np.random.Generator, shape: tuple[int, int], count: int, 
     return (tex / tex.max()).astype(np.float32)
 
 
-def brain_slice(z: int, shape: tuple[int, int, int], textures: list[np.ndarray], rng: np.random.Generator) -> np.ndarray:
+def brain_slice(z: int, shape: tuple[int, int, int], textures: list[np.ndarray],
+                rng: np.random.Generator) -> np.ndarray:
     """One coronal-like section: two hemispheres, layered cortex, cells, a ventricle, shot noise."""
     nz, ny, nx = shape
     zn = 2 * (z + 0.5) / nz - 1

@@ -7,7 +7,6 @@ import pytest
 import requests
 import tifffile
 import zarr
-
 from conftest import Server
 
 Z = 70  # two z-chunks of 64: chunk 0 holds planes 0-63, chunk 1 planes 64-69

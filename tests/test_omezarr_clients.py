@@ -7,7 +7,6 @@ import pytest
 import zarr
 from ome_zarr.io import parse_url
 from ome_zarr.reader import Reader
-
 from reference import downsample
 
 DATASETS = ["slices16", "tiled8", "float32", "ome04", "ome05", "labels", "pyramid"]
@@ -101,3 +100,18 @@ def test_omero_channels_follow_the_source(server, sources):
         assert len(ch["color"]) == 6 and int(ch["color"], 16) >= 0
         w = ch["window"]
         assert w["min"] <= w["start"] < w["end"] <= w["max"]
+
+
+@pytest.mark.parametrize("ds", ["slices16", "ome04"])
+def test_napari_ome_zarr_reader(server, sources, ds):
+    from napari_ome_zarr import napari_get_reader
+
+    src = sources[0][ds]
+    url = server.url(f"/ds/{ds}/zarr")
+    (data, kwargs, kind), = napari_get_reader(url)(url)
+    assert kind == "image" and kwargs["channel_axis"] == 1
+    assert kwargs["scale"][1:] == pytest.approx(src.voxel_size)  # z, y, x after the channel axis is split off
+    assert len(kwargs["contrast_limits"]) == src.data.shape[1]
+    assert data[0].shape == src.data.shape and len(data) >= 2
+    _assert_equal(np.asarray(data[-1]), zarr.open_group(url, mode="r")[str(len(data) - 1)][:])
+    _assert_equal(np.asarray(data[0][0, :, 5]), src.data[0, :, 5])

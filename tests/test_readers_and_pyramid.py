@@ -9,13 +9,13 @@ import threading
 import numpy as np
 import pytest
 import tifffile
+from reference import downsample_mean, downsample_mode
 
 from bil_transform.cache import ChunkCache
 from bil_transform.catalog import Dataset, DatasetSpec
 from bil_transform.demo import DEMO_VOXEL, make_demo
 from bil_transform.pyramid.downsample import mean, mode
 from bil_transform.readers import SourceError, open_source
-from reference import downsample_mean, downsample_mode
 
 
 class Counter:

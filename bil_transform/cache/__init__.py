@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Hashable
 from concurrent.futures import Future
-from typing import Any, Callable, Hashable
+from typing import Any
 
 import numpy as np
 from cachetools import LRUCache

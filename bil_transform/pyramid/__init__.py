@@ -143,7 +143,8 @@ class _LevelView:
 
     def __getitem__(self, key: tuple) -> np.ndarray:
         key = tuple(key) + (slice(None),) * (5 - len(key))
-        slices = [slice(*k.indices(n)[:2]) if isinstance(k, slice) else slice(k, k + 1) for k, n in zip(key, self.shape)]
+        slices = [slice(*k.indices(n)[:2]) if isinstance(k, slice) else slice(k, k + 1)
+                  for k, n in zip(key, self.shape)]
         ts, cs, *region = slices
         out = np.empty([max(0, s.stop - s.start) for s in slices], self.dtype)
         if out.size:

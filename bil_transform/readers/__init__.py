@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import glob
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from .base import Channel, NativeLevel, Reader, Region, SourceError, Volume
 from .tiff import TiffFileReader, TiffStackReader, stack_files
@@ -40,7 +40,8 @@ def open_source(path: str | Path) -> Reader:
     for _name, detect, factory in REGISTRY:
         if detect(p):
             return factory(p)
-    raise SourceError(f"{p}: not a supported source (expected a TIFF file, a directory or glob of TIFF slices, or Zarr)")
+    raise SourceError(
+        f"{p}: not a supported source (expected a TIFF file, a directory or glob of TIFF slices, or Zarr)")
 
 
 __all__ = ["Channel", "NativeLevel", "Reader", "Region", "SourceError", "Volume", "open_source", "REGISTRY"]

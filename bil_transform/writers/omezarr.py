@@ -7,8 +7,8 @@ caches and serves whatever it returns and turns KeyError into 404, ValueError in
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import Callable, Hashable
 
 import numpy as np
 
