@@ -69,11 +69,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     spec = DatasetSpec(id="demo", path=str(path), metadata={
         "title": "Synthetic mouse-brain-like stack (demo)", "technique": "synthetic serial-section fluorescence"})
     url = f"http://{args.host}:{args.port}/ds/demo/zarr"
+    zarr_line = (f"python -c \"import zarr; a = zarr.open_group('{url}', mode='r')['0']; "
+                 "print(a.shape, a[0, 0, 128, 500:504, 500:504])\"")
     print(f"""
 Demo data: {path}
 Open it with:
   napari:      napari --plugin napari-ome-zarr {url}
-  zarr-python: python -c "import zarr; a = zarr.open_group('{url}', mode='r')['0']; print(a.shape, a[0, 0, 128, 500:504, 500:504])"
+  zarr-python: {zarr_line}
   browser:     http://{args.host}:{args.port}/
 """)
     run_server([spec], args)
