@@ -65,6 +65,19 @@ def test_natural_sort_order(tmp_path):
     assert list(got) == [1, 2, 10, 11, 100]
 
 
+def test_glob_selects_slices_and_checks_each_one(tmp_path):
+    for z in range(12):
+        tifffile.imwrite(tmp_path / f"ch1_z{z}.tif", np.full((6, 5), z, np.uint8))
+        tifffile.imwrite(tmp_path / f"ch2_z{z}.tif", np.full((6, 5), 100 + z, np.uint8))
+    reader = open_source(tmp_path / "ch2_z*.tif")
+    assert reader.volume.shape == (1, 1, 12, 6, 5)
+    np.testing.assert_array_equal(reader.read(0, 0, 0, (slice(0, 12), slice(0, 1), slice(0, 1)))[:, 0, 0],
+                                  100 + np.arange(12))
+    tifffile.imwrite(tmp_path / "ch2_z5.tif", np.zeros((6, 5), np.uint16))
+    with pytest.raises(SourceError, match=r"ch2_z5\.tif: slice is 6x5x1 uint16, the stack is 6x5x1 uint8"):
+        reader.read(0, 0, 0, (slice(4, 6), slice(0, 6), slice(0, 5)))
+
+
 def test_tiled_file_decodes_only_overlapping_tiles(tmp_path, monkeypatch):
     data = np.random.default_rng(1).integers(0, 255, (5, 256, 256), np.uint8)
     tifffile.imwrite(tmp_path / "t.tif", data, tile=(64, 64), compression="zlib", photometric="minisblack")
@@ -83,6 +96,17 @@ def test_strip_file_decodes_only_overlapping_strips(tmp_path, monkeypatch):
     region = (slice(2, 3), slice(15, 35), slice(0, 40))  # strips 1, 2, 3 of the last page
     np.testing.assert_array_equal(reader.read(0, 0, 0, region), data[region])
     assert count.decodes == 3
+
+
+def test_compressed_plane_is_decoded_once_for_many_regions(tmp_path, monkeypatch):
+    data = np.random.default_rng(7).integers(0, 255, (1, 256, 256), np.uint8)
+    tifffile.imwrite(tmp_path / "z.tif", data, rowsperstrip=256, compression="zlib", photometric="minisblack")
+    reader = open_source(tmp_path / "z.tif")
+    count = Counter(monkeypatch)
+    for y, x in [(0, 0), (0, 128), (128, 0), (128, 128)]:
+        region = (slice(0, 1), slice(y, y + 128), slice(x, x + 128))
+        np.testing.assert_array_equal(reader.read(0, 0, 0, region), data[region])
+    assert count.decodes == 1
 
 
 def test_uncompressed_plane_reads_only_the_rows_a_region_needs(tmp_path, monkeypatch):

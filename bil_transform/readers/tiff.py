@@ -6,6 +6,7 @@ the file offsets tifffile parses; a slice stack opens only the slices a region s
 
 from __future__ import annotations
 
+import functools
 import glob
 import threading
 import xml.etree.ElementTree as ET
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
+from ..cache import ChunkCache
 from .base import (
     NativeLevel,
     Region,
@@ -26,17 +28,21 @@ from .base import (
 )
 
 TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8", ".ome.tif", ".ome.tiff")
+# Decoded compressed segments that are larger than the regions asking for them (a whole-plane
+# strip serves many chunks): kept so each is decoded once, not once per chunk.
+SEGMENTS = ChunkCache(256 * 2**20)
 UM_PER_UNIT = {
     "m": 1e6, "mm": 1e3, "cm": 1e4, "um": 1.0, "µm": 1.0, "\\u00b5m": 1.0, "micron": 1.0,
     "microns": 1.0, "micrometer": 1.0, "nm": 1e-3, "nanometer": 1e-3, "pm": 1e-6,
 }
 
 
-def read_page_region(page, fh, ys: slice, xs: slice, sample: int = 0) -> np.ndarray:
+def read_page_region(page, fh, ys: slice, xs: slice, sample: int, version: str) -> np.ndarray:
     """Decode the strips/tiles of one page that overlap rows `ys` and columns `xs`.
 
-    Uncompressed segments are read row by row range: a single-strip plane costs the rows
-    a region needs, not the whole plane. Compressed segments are decoded whole.
+    Uncompressed segments are read by row range: a single-strip plane costs the rows a
+    region needs, not the whole plane. Compressed segments are decoded whole, and kept in
+    SEGMENTS when the region uses only part of one. `version` keys them to the file's state.
     """
     key = page.keyframe
     out = np.zeros((ys.stop - ys.start, xs.stop - xs.start), key.dtype)
@@ -60,7 +66,10 @@ def read_page_region(page, fh, ys: slice, xs: slice, sample: int = 0) -> np.ndar
                                     first, min(ys.stop - y0, seg_h))
                 y0 += first
             else:
-                segment = _decoded(key, fh, offsets[index], counts[index], index)[0]
+                args = (key, fh, offsets[index], counts[index], index)
+                whole = ys.start <= y0 and y0 + seg_h <= ys.stop and xs.start <= x0 and x0 + seg_w <= xs.stop
+                segment = (_decoded(*args) if whole else SEGMENTS.get_or_compute(
+                    (str(fh.path), version, offsets[index]), functools.partial(_decoded, *args)))[0]
             segment = segment[:, :, 0 if separate else sample]
             y_a, y_b = max(ys.start, y0), min(ys.stop, y0 + segment.shape[0])
             x_a, x_b = max(xs.start, x0), min(xs.stop, x0 + segment.shape[1])
@@ -197,7 +206,7 @@ class TiffFileReader:
             index = {"t": t, "c": c_axis, "z": z}
             flat = np.ravel_multi_index([index[a] for a in self._lead_axes], self._lead_shape) if self._lead_axes else 0
             try:
-                out[i] = read_page_region(pages[int(flat)], tf.filehandle, ys, xs, sample)
+                out[i] = read_page_region(pages[int(flat)], tf.filehandle, ys, xs, sample, self.volume.version)
             except SourceError:
                 raise
             except Exception as exc:
@@ -258,7 +267,7 @@ class TiffStackReader:
                         f"the stack is {self._slice[0]}x{self._slice[1]}x{self._slice[2]} {self._slice[3]}"
                     )
                 try:
-                    out[i] = read_page_region(page, tf.filehandle, ys, xs, c)
+                    out[i] = read_page_region(page, tf.filehandle, ys, xs, c, self.volume.version)
                 except SourceError:
                     raise
                 except Exception as exc:
