@@ -11,9 +11,11 @@ import glob
 import threading
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import tifffile
+from cachetools import LRUCache
 
 from ..cache import ChunkCache
 from .base import (
@@ -31,18 +33,20 @@ TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8", ".ome.tif", ".ome.tiff")
 # Decoded compressed segments that are larger than the regions asking for them (a whole-plane
 # strip serves many chunks): kept so each is decoded once, not once per chunk.
 SEGMENTS = ChunkCache(256 * 2**20)
+PARSED_SLICES = 4096  # parsed slice headers kept per stack (a few KB each)
 UM_PER_UNIT = {
     "m": 1e6, "mm": 1e3, "cm": 1e4, "um": 1.0, "µm": 1.0, "\\u00b5m": 1.0, "micron": 1.0,
     "microns": 1.0, "micrometer": 1.0, "nm": 1e-3, "nanometer": 1e-3, "pm": 1e-6,
 }
 
 
-def read_page_region(page, fh, ys: slice, xs: slice, sample: int, version: str) -> np.ndarray:
+def read_page_region(page, fh: BinaryIO, name: str, ys: slice, xs: slice, sample: int, version: str) -> np.ndarray:
     """Decode the strips/tiles of one page that overlap rows `ys` and columns `xs`.
 
     Uncompressed segments are read by row range: a single-strip plane costs the rows a
     region needs, not the whole plane. Compressed segments are decoded whole, and kept in
-    SEGMENTS when the region uses only part of one. `version` keys them to the file's state.
+    SEGMENTS when the region uses only part of one. `name` is the file's path, for messages
+    and cache keys; `version` keys cached segments to the file's state.
     """
     key = page.keyframe
     out = np.zeros((ys.stop - ys.start, xs.stop - xs.start), key.dtype)
@@ -62,14 +66,14 @@ def read_page_region(page, fh, ys: slice, xs: slice, sample: int, version: str) 
             y0, x0 = row * seg_h, col * seg_w
             if raw is not None:
                 first = max(ys.start - y0, 0)
-                segment = _raw_rows(fh, raw, offsets[index], seg_w, 1 if separate else key.samplesperpixel,
+                segment = _raw_rows(fh, name, raw, offsets[index], seg_w, 1 if separate else key.samplesperpixel,
                                     first, min(ys.stop - y0, seg_h))
                 y0 += first
             else:
-                args = (key, fh, offsets[index], counts[index], index)
+                args = (key, fh, name, offsets[index], counts[index], index)
                 whole = ys.start <= y0 and y0 + seg_h <= ys.stop and xs.start <= x0 and x0 + seg_w <= xs.stop
                 segment = (_decoded(*args) if whole else SEGMENTS.get_or_compute(
-                    (str(fh.path), version, offsets[index]), functools.partial(_decoded, *args)))[0]
+                    (name, version, offsets[index]), functools.partial(_decoded, *args)))[0]
             segment = segment[:, :, 0 if separate else sample]
             y_a, y_b = max(ys.start, y0), min(ys.stop, y0 + segment.shape[0])
             x_a, x_b = max(xs.start, x0), min(xs.stop, x0 + segment.shape[1])
@@ -88,22 +92,23 @@ def _raw_dtype(key) -> np.dtype | None:
     return np.dtype(key.dtype).newbyteorder(key.parent.byteorder)
 
 
-def _raw_rows(fh, dtype: np.dtype, offset: int, width: int, samples: int, first: int, stop: int) -> np.ndarray:
+def _raw_rows(fh: BinaryIO, name: str, dtype: np.dtype, offset: int, width: int, samples: int,
+              first: int, stop: int) -> np.ndarray:
     """Rows [first, stop) of an uncompressed segment, as (rows, width, samples)."""
     row_bytes = width * samples * dtype.itemsize
     fh.seek(offset + first * row_bytes)
     data = fh.read((stop - first) * row_bytes)
     if len(data) != (stop - first) * row_bytes:
-        raise SourceError(f"{fh.path}: file is truncated (image data ends past the end of the file)")
+        raise SourceError(f"{name}: file is truncated (image data ends past the end of the file)")
     return np.frombuffer(data, dtype).reshape(stop - first, width, samples)
 
 
-def _decoded(key, fh, offset: int, count: int, index: int) -> np.ndarray:
+def _decoded(key, fh: BinaryIO, name: str, offset: int, count: int, index: int) -> np.ndarray:
     """One compressed segment, decoded whole: (depth, rows, width, samples)."""
     fh.seek(offset)
     data = fh.read(count)
     if len(data) != count:
-        raise SourceError(f"{fh.path}: file is truncated (segment {index} ends past the end)")
+        raise SourceError(f"{name}: file is truncated (segment {index} ends past the end)")
     return key.decode(data, index, jpegtables=key.jpegtables)[0]
 
 
@@ -206,7 +211,8 @@ class TiffFileReader:
             index = {"t": t, "c": c_axis, "z": z}
             flat = np.ravel_multi_index([index[a] for a in self._lead_axes], self._lead_shape) if self._lead_axes else 0
             try:
-                out[i] = read_page_region(pages[int(flat)], tf.filehandle, ys, xs, sample, self.volume.version)
+                out[i] = read_page_region(pages[int(flat)], tf.filehandle, str(self.path), ys, xs, sample,
+                                          self.volume.version)
             except SourceError:
                 raise
             except Exception as exc:
@@ -252,12 +258,14 @@ class TiffStackReader:
             version=version_token(self.files),
             channels=default_channels(samples),
         )
+        self._pages: LRUCache = LRUCache(maxsize=PARSED_SLICES)
+        self._lock = threading.Lock()
 
-    def read(self, level: int, t: int, c: int, region: Region) -> np.ndarray:
-        check_region(self.volume.spatial_shape, region)
-        zs, ys, xs = region
-        out = np.empty([s.stop - s.start for s in region], self.volume.dtype)
-        for i, f in enumerate(self.files[zs]):
+    def _page(self, f: Path):
+        """The slice's parsed first page, checked against the stack; parsed once, then kept (LRU)."""
+        with self._lock:
+            page = self._pages.get(f)
+        if page is None:
             with _open(f) as tf:
                 page = tf.pages.first
                 found = (page.imagelength, page.imagewidth, page.samplesperpixel, np.dtype(page.dtype))
@@ -266,11 +274,22 @@ class TiffStackReader:
                         f"{f}: slice is {found[0]}x{found[1]}x{found[2]} {found[3]}, "
                         f"the stack is {self._slice[0]}x{self._slice[1]}x{self._slice[2]} {self._slice[3]}"
                     )
-                try:
-                    out[i] = read_page_region(page, tf.filehandle, ys, xs, c, self.volume.version)
-                except SourceError:
-                    raise
-                except Exception as exc:
-                    raise SourceError(f"{f}: cannot decode ({exc})") from exc
-        return out
+                page.decode  # noqa: B018 - build the decoder while the file is open
+            with self._lock:
+                self._pages[f] = page
+        return page
 
+    def read(self, level: int, t: int, c: int, region: Region) -> np.ndarray:
+        check_region(self.volume.spatial_shape, region)
+        zs, ys, xs = region
+        out = np.empty([s.stop - s.start for s in region], self.volume.dtype)
+        for i, f in enumerate(self.files[zs]):
+            page = self._page(f)
+            try:
+                with open(f, "rb") as fh:
+                    out[i] = read_page_region(page, fh, str(f), ys, xs, c, self.volume.version)
+            except SourceError:
+                raise
+            except Exception as exc:
+                raise SourceError(f"{f}: cannot read ({exc})") from exc
+        return out
