@@ -55,9 +55,10 @@ def start(cmd: list[str], port: int, ready: str) -> subprocess.Popen:
     raise RuntimeError(f"{cmd[:4]} did not start")
 
 
-def start_server(data: Path) -> tuple[subprocess.Popen, str]:
+def start_server(data: Path, workers: int | None) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [sys.executable, "-m", "bil_transform", "serve", str(data), "--port", str(port), "--cache-size", "8GiB"]
+    cmd += ["--workers", str(workers)] if workers else []
     return start(cmd, port, "/healthz"), f"http://127.0.0.1:{port}"
 
 
@@ -134,6 +135,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", type=int, nargs=3, default=[128, 1024, 1024], metavar=("Z", "Y", "X"))
     parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--workers", type=int, default=None, help="server worker threads (default: its own)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bil-bench-") as tmp:
         data, static_dir = Path(tmp) / "bench", Path(tmp) / "static"
@@ -145,7 +147,7 @@ def main() -> None:
         procs = []
         try:
             # (b) cold first, on a fresh server
-            proc, base = start_server(data)
+            proc, base = start_server(data, args.workers)
             procs.append(proc)
             keys, levels = chunk_keys(base)
             cold0, bodies = asyncio.run(fetch_all(base, keys[0], args.concurrency))

@@ -30,7 +30,7 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--cache-size", type=parse_size, default=parse_size("1GiB"), help="memory for cached chunks")
-    p.add_argument("--workers", type=int, default=None, help="worker threads (default: cores + 4)")
+    p.add_argument("--workers", type=int, default=None, help="worker threads (default: one per core; more for high-latency storage)")
 
 
 def run_server(specs: list[DatasetSpec], args: argparse.Namespace) -> None:

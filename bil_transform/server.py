@@ -187,7 +187,9 @@ async def metrics(request: web.Request) -> web.Response:
 
 def create_app(datasets: dict[str, Dataset], cache: ChunkCache, workers: int | None = None) -> web.Application:
     app = web.Application(middlewares=[errors_and_cors])
-    workers = workers or min(32, (os.cpu_count() or 1) + 4)
+    # One thread per core: chunk assembly is partly Python, and extra threads only fight over the
+    # GIL (benchmarks/serve_throughput.py --workers N). Storage with high latency wants more.
+    workers = workers or os.cpu_count() or 1
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bil-worker")
     app[DATASETS], app[CACHE], app[POOL] = datasets, cache, pool
     app[STATE] = {"queued": 0, "max_queued": workers * 256}
