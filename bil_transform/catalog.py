@@ -12,10 +12,12 @@ from .cache import ChunkCache
 from .pyramid import DEFAULT_CHUNK, Pyramid
 from .pyramid.downsample import METHODS
 from .readers import SourceError, open_source
+from .writers import default_encoding, precomputed_encodings, served_dtype
 from .writers.codecs import COMPRESSORS
+from .writers.precomputed import ENCODINGS
 
 KINDS = ("image", "labels")
-KNOWN_KEYS = {"id", "path", "voxel_size", "kind", "embargo", "downsample", "compression", "chunk"}
+KNOWN_KEYS = {"id", "path", "voxel_size", "kind", "embargo", "downsample", "compression", "encoding", "chunk"}
 
 
 class CatalogError(ValueError):
@@ -31,6 +33,7 @@ class DatasetSpec:
     embargo: bool = False
     downsample: str | None = None  # mean | mode | stride; default by kind
     compression: str = "blosc"
+    encoding: str | None = None  # precomputed; default by kind and dtype
     chunk: tuple[int, int, int] = DEFAULT_CHUNK
     metadata: dict[str, str] = field(default_factory=dict)
 
@@ -51,6 +54,8 @@ def _spec(entry: dict, where: str, base: Path) -> DatasetSpec:
         raise CatalogError(f"{where}: downsample must be one of {', '.join(METHODS)}")
     if entry.get("compression", "blosc") not in COMPRESSORS:
         raise CatalogError(f"{where}: compression must be one of {', '.join(COMPRESSORS)}")
+    if entry.get("encoding", "raw") not in ENCODINGS:
+        raise CatalogError(f"{where}: encoding must be one of {', '.join(ENCODINGS)}")
     chunk = entry.get("chunk", DEFAULT_CHUNK)
     if len(chunk) != 3 or not all(isinstance(v, int) and v > 0 for v in chunk):
         raise CatalogError(f"{where}: chunk must be three positive integers [z, y, x]")
@@ -64,6 +69,7 @@ def _spec(entry: dict, where: str, base: Path) -> DatasetSpec:
         embargo=bool(entry.get("embargo", False)),
         downsample=entry.get("downsample"),
         compression=entry.get("compression", "blosc"),
+        encoding=entry.get("encoding"),
         chunk=tuple(chunk),
         metadata=metadata,
     )
@@ -123,6 +129,10 @@ class Dataset:
             reader.volume = dataclasses.replace(reader.volume, **overrides)
             method = spec.downsample or ("mode" if spec.kind == "labels" else "mean")
             self.pyramid = Pyramid(reader, cache, spec.id, method=method, chunk=spec.chunk)
+            encodings = precomputed_encodings(self.pyramid)
+            if spec.encoding and spec.encoding not in encodings:
+                raise ValueError(f"the precomputed encoding {spec.encoding!r} cannot hold this {reader.volume.dtype} "
+                                 f"data with {reader.volume.shape[1]} channel(s); use one of {', '.join(encodings)}")
         except (SourceError, ValueError, OSError) as exc:
             self.error = str(exc)
 
@@ -148,6 +158,11 @@ class Dataset:
             "voxel_size_unit": "micrometer",
             "voxel_size_known": vol.voxel_size_known,
             "downsample": self.pyramid.method,
+            "precomputed": {
+                "data_type": served_dtype(vol.dtype, vol.kind).name,
+                "encoding": self.spec.encoding or default_encoding(served_dtype(vol.dtype, vol.kind), vol.kind),
+                "encodings": precomputed_encodings(self.pyramid),
+            },
             "levels": [
                 {"shape": list(lvl.shape), "factors": list(lvl.factors), "chunks": list(lvl.chunks),
                  "native": lvl.native is not None}

@@ -12,6 +12,7 @@ from aiohttp import web
 
 from .cache import ChunkCache
 from .catalog import CatalogError, Dataset, DatasetSpec, load_catalog, specs_from_paths
+from .pages import DEFAULT_VIEWER
 from .readers import SourceError, open_source
 
 UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "m": 1e6, "mb": 1e6, "mib": 2**20,
@@ -30,7 +31,10 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--cache-size", type=parse_size, default=parse_size("1GiB"), help="memory for cached chunks")
-    p.add_argument("--workers", type=int, default=None, help="worker threads (default: one per core; more for high-latency storage)")
+    p.add_argument("--neuroglancer", default=DEFAULT_VIEWER, metavar="URL",
+                   help=f"Neuroglancer used by 'open in Neuroglancer' links (default {DEFAULT_VIEWER})")
+    p.add_argument("--workers", type=int, default=None,
+                   help="worker threads (default: one per core; more for high-latency storage)")
 
 
 def run_server(specs: list[DatasetSpec], args: argparse.Namespace) -> None:
@@ -43,11 +47,11 @@ def run_server(specs: list[DatasetSpec], args: argparse.Namespace) -> None:
         if ds.error:
             print(f"  {ds.spec.id}: UNAVAILABLE: {ds.error}", file=sys.stderr)
         else:
-            url = f"{base}/ds/{ds.spec.id}/zarr"
-            print(f"  {ds.spec.id}: {url}")
+            root = f"{base}/ds/{ds.spec.id}"
+            print(f"  {ds.spec.id}: {root}/zarr  precomputed://{root}/precomputed")
     print(f"bil-transform serving {len(datasets)} dataset(s) at {base}/ (Ctrl-C to stop)", flush=True)
-    web.run_app(create_app(datasets, cache, args.workers), host=args.host, port=args.port, print=None,
-                access_log=None)
+    app = create_app(datasets, cache, args.workers, args.neuroglancer)
+    web.run_app(app, host=args.host, port=args.port, print=None, access_log=None)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -75,6 +79,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 Demo data: {path}
 Open it with:
   napari:      napari --plugin napari-ome-zarr {url}
+  Neuroglancer: paste precomputed://http://{args.host}:{args.port}/ds/demo/precomputed (or zarr://{url}),
+               or follow "open in Neuroglancer" on the index page
   zarr-python: {zarr_line}
   browser:     http://{args.host}:{args.port}/
 """)

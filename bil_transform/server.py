@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import hashlib
-import html
 import json
 import logging
 import os
@@ -14,10 +14,12 @@ from typing import Any
 
 from aiohttp import web
 
+from . import pages
 from .cache import ChunkCache
 from .catalog import Dataset
 from .readers import SourceError
-from .writers.omezarr import OmeZarrV2, Resource
+from .writers import Resource, make_view
+from .writers.thumbnail import thumbnail
 
 log = logging.getLogger("bil_transform")
 
@@ -35,6 +37,7 @@ DATASETS = web.AppKey("datasets", dict)
 CACHE = web.AppKey("cache", ChunkCache)
 POOL = web.AppKey("pool", ThreadPoolExecutor)
 STATE = web.AppKey("state", dict)
+VIEW = r"{view:zarr|precomputed(?:-[a-z_]+)?}"
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -54,7 +57,9 @@ async def errors_and_cors(request: web.Request, handler: Callable) -> web.Stream
             exc.headers.update(CORS)
             raise
         reason = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else exc.reason
-        return _error(exc.status, reason)
+        response = _error(exc.status, reason)
+        response.headers.update({k: v for k, v in exc.headers.items() if k == "Retry-After"})
+        return response
     except SourceError as exc:
         log.warning("source error on %s: %s", request.path, exc)
         return _error(500, f"The source data cannot be read: {exc}")
@@ -79,12 +84,18 @@ async def _in_pool(request: web.Request, fn: Callable[..., Any], *args) -> Any:
         state["queued"] -= 1
 
 
-def _dataset(request: web.Request) -> Dataset:
+async def _cached(request: web.Request, key: Any, produce: Callable[[], bytes]) -> bytes:
+    cache = request.app[CACHE]
+    body = cache.get(key)
+    return body if body is not None else await _in_pool(request, cache.get_or_compute, key, produce)
+
+
+def _dataset(request: web.Request, *, usable: bool = True) -> Dataset:
     ident = request.match_info["id"]
     ds = request.app[DATASETS].get(ident)
     if ds is None:
         raise web.HTTPNotFound(text=f"No dataset with id {ident!r}")
-    if ds.pyramid is None:
+    if usable and ds.pyramid is None:
         raise web.HTTPNotFound(text=f"Dataset {ident!r} is unavailable: {ds.error}")
     return ds
 
@@ -97,77 +108,60 @@ def _json(doc: Any) -> web.Response:
     return web.Response(body=json.dumps(doc, indent=1).encode(), content_type="application/json")
 
 
-async def _serve_resource(request: web.Request, res: Resource) -> web.Response:
-    cache = request.app[CACHE]
-    body = cache.get(res.key)
-    if body is None:
-        body = await _in_pool(request, cache.get_or_compute, res.key, res.produce)
-    etag = '"' + hashlib.blake2b(repr(res.key).encode(), digest_size=12).hexdigest() + '"'
-    headers = {"ETag": etag, "Cache-Control": "public, max-age=3600"}
-    if etag in request.headers.get("If-None-Match", ""):
+async def _serve(request: web.Request, res: Resource) -> web.Response:
+    """Bytes with a strong ETag; gzip-encoded (and cached so) when the resource and client allow it.
+    HEAD always describes the identity body, as Neuroglancer and fsspec expect."""
+    body = await _cached(request, res.key, res.produce)
+    tag = hashlib.blake2b(repr(res.key).encode(), digest_size=12).hexdigest()
+    headers = {"Cache-Control": "public, max-age=3600"}
+    if res.compressible:
+        headers["Vary"] = "Accept-Encoding"
+        if request.method == "GET" and "gzip" in request.headers.get("Accept-Encoding", ""):
+            body = await _cached(request, ("gzip", res.key), lambda: gzip.compress(body, compresslevel=5, mtime=0))
+            headers["Content-Encoding"] = "gzip"
+            tag += "-gzip"
+    headers["ETag"] = f'"{tag}"'
+    if headers["ETag"] in request.headers.get("If-None-Match", ""):
         return web.Response(status=304, headers=headers)
     return web.Response(body=body, content_type=res.content_type, headers=headers)
 
 
-async def zarr_v2(request: web.Request) -> web.Response:
+async def dataset_view(request: web.Request) -> web.Response:
+    """/ds/{id}[/t/{t}][/c/{c}]/{view}/{key}: every format view of every dataset."""
     ds = _dataset(request)
-    view = OmeZarrV2(ds.pyramid, ds.spec.id, ds.spec.compression)
-    key = request.match_info["key"]
+    name, key = request.match_info["view"], request.match_info["key"]
+    t, c = (int(request.match_info[k]) if k in request.match_info else None for k in ("t", "c"))
     try:
+        view = make_view(ds.pyramid, name, compression=ds.spec.compression, encoding=ds.spec.encoding, t=t, channel=c)
         res = view.resource(key)
     except KeyError:
-        raise web.HTTPNotFound(text=f"No key {key!r} in the OME-Zarr view of {ds.spec.id!r}") from None
+        raise web.HTTPNotFound(text=f"No key {key!r} in the {name} view of {ds.spec.id!r}") from None
     except ValueError as exc:
         raise web.HTTPBadRequest(text=str(exc)) from None
-    return await _serve_resource(request, res)
+    return await _serve(request, res)
+
+
+async def dataset_thumbnail(request: web.Request) -> web.Response:
+    return await _serve(request, thumbnail(_dataset(request).pyramid))
 
 
 async def list_datasets(request: web.Request) -> web.Response:
-    query = request.query.get("q", "")
-    base = _base_url(request)
+    query, base = request.query.get("q", ""), _base_url(request)
     found = [ds for ds in request.app[DATASETS].values() if ds.matches(query)]
-    return _json([{**ds.summary(), "links": _links(base, ds)} for ds in found])
+    viewer = request.app[STATE]["viewer"]
+    return _json(await _in_pool(request, lambda: [{**ds.summary(), "links": pages.links(ds, base, viewer)}
+                                                   for ds in found]))
 
 
 async def get_dataset(request: web.Request) -> web.Response:
-    ident = request.match_info["id"]
-    ds = request.app[DATASETS].get(ident)
-    if ds is None:
-        raise web.HTTPNotFound(text=f"No dataset with id {ident!r}")
-    doc = await _in_pool(request, ds.describe)
-    return _json({**doc, "links": _links(_base_url(request), ds)})
-
-
-def _links(base: str, ds: Dataset) -> dict:
-    links = {"self": f"{base}/api/datasets/{ds.spec.id}"}
-    if ds.pyramid is not None:
-        links["zarr"] = f"{base}/ds/{ds.spec.id}/zarr"
-    return links
+    ds = _dataset(request, usable=False)
+    base, viewer = _base_url(request), request.app[STATE]["viewer"]
+    return _json(await _in_pool(request, lambda: {**ds.describe(), "links": pages.links(ds, base, viewer)}))
 
 
 async def index(request: web.Request) -> web.Response:
-    base = _base_url(request)
-    rows = []
-    for ds in request.app[DATASETS].values():
-        s = ds.summary()
-        title = html.escape(str(s.get("title", ds.spec.id)))
-        if ds.pyramid is None:
-            rows.append(f"<tr><td>{html.escape(ds.spec.id)}</td><td>{title}</td><td colspan=4>unavailable: "
-                        f"{html.escape(ds.error or '')}</td></tr>")
-            continue
-        zarr_url = html.escape(_links(base, ds)["zarr"])
-        rows.append(
-            f"<tr><td>{html.escape(ds.spec.id)}</td><td>{title}</td><td>{' x '.join(map(str, s['shape']))}</td>"
-            f"<td>{s['dtype']}</td><td>{' x '.join(f'{v:g}' for v in s['voxel_size'])} &micro;m</td>"
-            f"<td><a href=\"{zarr_url}/.zattrs\">{zarr_url}</a></td></tr>"
-        )
-    page = (
-        "<!doctype html><html><head><meta charset=utf-8><meta name=viewport content='width=device-width'>"
-        "<title>bil-transform</title><style>body{font-family:sans-serif;margin:1em}td,th{padding:.3em .6em;"
-        "text-align:left}tr:nth-child(even){background:#f4f4f4}</style></head><body><h1>bil-transform</h1>"
-        "<table><tr><th>id</th><th>title</th><th>shape (t, c, z, y, x)</th><th>dtype</th>"
-        "<th>voxel (z, y, x)</th><th>OME-Zarr</th></tr>" + "".join(rows) + "</table></body></html>"
-    )
+    datasets, base = list(request.app[DATASETS].values()), _base_url(request)
+    page = await _in_pool(request, pages.index_html, datasets, base, request.app[STATE]["viewer"])
     return web.Response(text=page, content_type="text/html")
 
 
@@ -185,20 +179,23 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
 
 
-def create_app(datasets: dict[str, Dataset], cache: ChunkCache, workers: int | None = None) -> web.Application:
+def create_app(datasets: dict[str, Dataset], cache: ChunkCache, workers: int | None = None,
+               viewer: str = pages.DEFAULT_VIEWER) -> web.Application:
     app = web.Application(middlewares=[errors_and_cors])
     # One thread per core: chunk assembly is partly Python, and extra threads only fight over the
     # GIL (benchmarks/serve_throughput.py --workers N). Storage with high latency wants more.
     workers = workers or os.cpu_count() or 1
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bil-worker")
     app[DATASETS], app[CACHE], app[POOL] = datasets, cache, pool
-    app[STATE] = {"queued": 0, "max_queued": workers * 256}
+    app[STATE] = {"queued": 0, "max_queued": workers * 256, "viewer": viewer}
     app.router.add_get("/", index)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/api/datasets", list_datasets)
     app.router.add_get("/api/datasets/{id}", get_dataset)
-    app.router.add_get("/ds/{id}/zarr/{key:.*}", zarr_v2)
+    app.router.add_get("/ds/{id}/thumbnail.png", dataset_thumbnail)
+    for selector in ("", r"/t/{t:\d+}", r"/c/{c:\d+}", r"/t/{t:\d+}/c/{c:\d+}"):
+        app.router.add_get(f"/ds/{{id}}{selector}/{VIEW}/{{key:.*}}", dataset_view)
 
     async def shutdown(app: web.Application) -> None:
         pool.shutdown(wait=False, cancel_futures=True)

@@ -112,6 +112,21 @@ def write_sources(root: Path) -> tuple[dict[str, Source], str]:
     sources["pyramid"] = Source("pyramid", g[None, None], (2.0, 0.3, 0.3), native=[x[None, None] for x in levels])
     entries.append('id = "pyramid"\npath = "pyramid.ome.tif"')
 
+    # 8. Two time points of three uint8 channels: a 5-D zarr v2 array (axes t, c, z, y, x).
+    h = _blobs(rng, (2, 3, 20, 70, 50), 255).astype(np.uint8)
+    arr = zarr.create_array(root / "multi.zarr", shape=h.shape, chunks=(1, 1, 20, 32, 32), dtype="uint8",
+                            zarr_format=2)
+    arr[:] = h
+    sources["multi"] = Source("multi", h, (1.0, 1.0, 1.0))
+    entries.append('id = "multi"\npath = "multi.zarr"\ntitle = "Time series, three channels"')
+
+    # 9. float64, which Neuroglancer cannot show: precomputed serves it as float32.
+    k = rng.normal(0, 1e3, (10, 40, 30))
+    arr = zarr.create_array(root / "f64.zarr", shape=k.shape, chunks=(10, 40, 30), dtype="float64")
+    arr[:] = k
+    sources["f64"] = Source("f64", k[None, None], (1.0, 1.0, 1.0))
+    entries.append('id = "f64"\npath = "f64.zarr"')
+
     catalog = "\n\n".join(f"[[datasets]]\n{e}" for e in entries) + "\n"
     return sources, catalog
 

@@ -38,3 +38,19 @@ def downsample_mode(a: np.ndarray, factors: tuple[int, int, int]) -> np.ndarray:
 
 def downsample(a: np.ndarray, factors: tuple[int, int, int], method: str) -> np.ndarray:
     return {"mean": downsample_mean, "mode": downsample_mode}[method](a, factors)
+
+
+def reference_levels(data: np.ndarray, factors: list[tuple[int, int, int]], method: str,
+                     native: list[np.ndarray] | None = None) -> list[np.ndarray]:
+    """Expected (t, c, z, y, x) levels for per-level factors relative to level 0: native levels as
+    written, then each level reduced from the one before it."""
+    levels = []
+    for i, f in enumerate(factors):
+        if native and i < len(native):
+            levels.append(native[i])
+        elif i == 0:
+            levels.append(data)
+        else:
+            step = tuple(a // b for a, b in zip(f, factors[i - 1]))
+            levels.append(downsample(levels[-1], step, method))
+    return levels

@@ -45,12 +45,23 @@ def test_cors_on_success_and_preflight(server):
 
 @pytest.mark.parametrize("path", ["/ds/slices16/zarr/0/.zarray", "/ds/slices16/zarr/1/0/0/0/1/1"])
 def test_head_has_the_get_length_and_no_body(server, path):
-    get = requests.get(server.url(path))
+    get = requests.get(server.url(path), headers={"Accept-Encoding": "identity"})
     head = requests.head(server.url(path))
     assert head.status_code == get.status_code == 200
     assert int(head.headers["Content-Length"]) == len(get.content) > 0
     assert head.content == b""
     assert head.headers["ETag"] == get.headers["ETag"]
+
+
+def test_gzip_only_when_accepted_and_only_where_it_helps(server):
+    url = server.url("/ds/slices16/zarr/.zattrs")
+    plain = requests.get(url, headers={"Accept-Encoding": "identity"})
+    zipped = requests.get(url, headers={"Accept-Encoding": "gzip, deflate"})
+    assert "Content-Encoding" not in plain.headers and zipped.headers["Content-Encoding"] == "gzip"
+    assert zipped.content == plain.content  # requests decodes it
+    assert zipped.headers["ETag"] != plain.headers["ETag"] and zipped.headers["Vary"] == "Accept-Encoding"
+    chunk = requests.get(server.url("/ds/slices16/zarr/0/0/0/0/0/0"), headers={"Accept-Encoding": "gzip"})
+    assert "Content-Encoding" not in chunk.headers  # already blosc-compressed
 
 
 def test_etag_round_trip(server):

@@ -9,7 +9,7 @@ from ome_zarr.io import parse_url
 from ome_zarr.reader import Reader
 from reference import downsample
 
-DATASETS = ["slices16", "tiled8", "float32", "ome04", "ome05", "labels", "pyramid"]
+DATASETS = ["slices16", "tiled8", "float32", "ome04", "ome05", "labels", "pyramid", "multi", "f64"]
 
 
 def _assert_equal(got: np.ndarray, want: np.ndarray) -> None:

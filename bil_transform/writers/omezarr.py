@@ -31,6 +31,7 @@ class Resource:
     key: Hashable  # cache key: identifies the bytes exactly (source version included)
     produce: Callable[[], bytes]
     content_type: str
+    compressible: bool = False  # worth Content-Encoding: gzip when the client accepts it
 
 
 def to_json(doc: dict) -> bytes:
@@ -113,16 +114,17 @@ class OmeZarrV2:
     def resource(self, key: str) -> Resource:
         base = ("zarr2", *self.pyramid.key, self.compression)
         if key == ".zgroup":
-            return Resource((*base, key), lambda: to_json({"zarr_format": 2}), JSON)
+            return Resource((*base, key), lambda: to_json({"zarr_format": 2}), JSON, True)
         if key == ".zattrs":
             return Resource((*base, key), lambda: to_json(
-                {"multiscales": [multiscale(self.pyramid, self.name)], "omero": omero(self.pyramid, self.name)}), JSON)
+                {"multiscales": [multiscale(self.pyramid, self.name)], "omero": omero(self.pyramid, self.name)}), JSON,
+                True)
         level_name, _, rest = key.partition("/")
         if not level_name.isdigit() or int(level_name) >= len(self.pyramid.levels) or not rest:
             raise KeyError(key)
         level = int(level_name)
         if rest == ".zarray":
-            return Resource((*base, key), lambda: to_json(self.zarray(level)), JSON)
+            return Resource((*base, key), lambda: to_json(self.zarray(level)), JSON, True)
         if rest == ".zattrs":
             return Resource((*base, key), lambda: to_json({"_ARRAY_DIMENSIONS": ["t", "c", "z", "y", "x"]}), JSON)
         parts = rest.split("/") if "/" in rest else rest.split(".")

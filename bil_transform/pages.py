@@ -1,0 +1,94 @@
+"""What people click: the HTML index, each dataset's links, and Neuroglancer viewer states."""
+
+from __future__ import annotations
+
+import html
+import json
+import urllib.parse
+
+from .catalog import Dataset
+from .writers import default_encoding, precomputed_encodings, served_dtype
+
+DEFAULT_VIEWER = "https://neuroglancer-demo.appspot.com/"
+CHANNEL_SHADER = """#uicontrol invlerp normalized
+#uicontrol vec3 color color(default="{color}")
+void main() {{ emitRGB(color * normalized()); }}
+"""
+MAX_LAYERS = 8
+
+
+def links(ds: Dataset, base: str, viewer: str = DEFAULT_VIEWER) -> dict:
+    """Every URL a client may want for this dataset (the `links` of /api/datasets)."""
+    root = f"{base}/ds/{ds.spec.id}"
+    out = {"self": f"{base}/api/datasets/{ds.spec.id}"}
+    if ds.pyramid is None:
+        return out
+    out.update(zarr=f"{root}/zarr", precomputed=f"{root}/precomputed", thumbnail=f"{root}/thumbnail.png")
+    out.update({f"precomputed-{e}": f"{root}/precomputed-{e}" for e in precomputed_encodings(ds.pyramid)})
+    t, c = ds.pyramid.volume.shape[:2]
+    if c > 1:
+        out["precomputed_channels"] = [f"{root}/c/{i}/precomputed" for i in range(c)]
+    if t > 1:
+        out["precomputed_timepoints"] = [f"{root}/t/{i}/precomputed" for i in range(t)]
+    out["neuroglancer"] = neuroglancer_url(ds, base, viewer)
+    return out
+
+
+def neuroglancer_state(ds: Dataset, base: str) -> dict:
+    """Layers pointing at this server: one per channel (coloured, additive) for multi-channel images."""
+    vol = ds.pyramid.volume
+    root = f"precomputed://{base}/ds/{ds.spec.id}"
+    if vol.kind == "labels":
+        layers = [{"type": "segmentation", "source": f"{root}/precomputed", "name": ds.spec.id}]
+    elif vol.shape[1] == 1:
+        layers = [{"type": "image", "source": f"{root}/precomputed", "name": ds.spec.id,
+                   "shaderControls": {"normalized": {"range": list(ds.pyramid.display_window(0))}}}]
+    else:
+        layers = [{"type": "image", "source": f"{root}/c/{c}/precomputed", "name": f"{ds.spec.id} {ch.name}",
+                   "blend": "additive", "shader": CHANNEL_SHADER.format(color="#" + ch.color.lower()),
+                   "shaderControls": {"normalized": {"range": list(ds.pyramid.display_window(c))}}}
+                  for c, ch in enumerate(vol.channels[:MAX_LAYERS])]
+    return {"layers": layers, "layout": "4panel"}
+
+
+def neuroglancer_url(ds: Dataset, base: str, viewer: str = DEFAULT_VIEWER) -> str:
+    state = json.dumps(neuroglancer_state(ds, base), separators=(",", ":"))
+    return f"{viewer}#!{urllib.parse.quote(state, safe='')}"
+
+
+def index_html(datasets: list[Dataset], base: str, viewer: str = DEFAULT_VIEWER) -> str:
+    rows = []
+    for ds in datasets:
+        e = html.escape
+        title = e(ds.spec.metadata.get("title", ""))
+        if ds.pyramid is None:
+            rows.append(f"<tr><td></td><td><b>{e(ds.spec.id)}</b><br>{title}</td>"
+                        f"<td colspan=3 class=err>unavailable: {e(ds.error or '')}</td></tr>")
+            continue
+        vol = ds.pyramid.volume
+        link = links(ds, base, viewer)
+        shape = " &times; ".join(map(str, vol.shape[2:][::-1]))
+        extra = ", ".join(f"{n} {a}" for n, a in zip(vol.shape[:2], ("time points", "channels")) if n > 1)
+        voxel = " &times; ".join(f"{v:g}" for v in vol.voxel_size[::-1])
+        dtype = vol.dtype.name
+        if served_dtype(vol.dtype, vol.kind) != vol.dtype:
+            dtype += f" (precomputed: {served_dtype(vol.dtype, vol.kind).name})"
+        rows.append(
+            f"<tr><td><img src='{e(link['thumbnail'])}' loading=lazy alt='' width=128></td>"
+            f"<td><b>{e(ds.spec.id)}</b><br>{title}</td>"
+            f"<td>{shape} voxels (x &times; y &times; z){'<br>' + extra if extra else ''}<br>{e(dtype)}, "
+            f"{vol.kind}<br>{voxel} &micro;m, {len(ds.pyramid.levels)} levels</td>"
+            f"<td><a href='{e(link['neuroglancer'])}'>open in Neuroglancer</a><br>"
+            f"OME-Zarr: <code>{e(link['zarr'])}</code><br>"
+            f"precomputed: <code>precomputed://{e(link['precomputed'])}</code> "
+            f"({default_encoding(served_dtype(vol.dtype, vol.kind), vol.kind)})</td></tr>"
+        )
+    return (
+        "<!doctype html><html><head><meta charset=utf-8><meta name=viewport content='width=device-width'>"
+        "<title>bil-transform</title><style>body{font-family:system-ui,sans-serif;margin:1em;color:#222}"
+        "table{border-collapse:collapse}td{padding:.4em .7em;vertical-align:top;border-top:1px solid #ddd}"
+        "img{background:#000;image-rendering:pixelated}code{font-size:.85em;word-break:break-all}"
+        ".err{color:#a00}</style></head><body><h1>bil-transform</h1>"
+        f"<p>{len(datasets)} dataset(s). JSON: <a href='/api/datasets'>/api/datasets</a></p>"
+        "<table>" + "".join(rows) + "</table></body></html>"
+    )
