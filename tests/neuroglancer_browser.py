@@ -1,0 +1,116 @@
+"""The real Neuroglancer viewer, as a person would use it: the client bundled by the `neuroglancer`
+package, served by that package's own server, rendered by Debian's Chromium (WebGL2 on SwiftShader,
+no GPU) and driven by playwright. Used by tests/test_neuroglancer.py and benchmarks/.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+
+import neuroglancer
+import numpy as np
+from PIL import Image
+from playwright.sync_api import sync_playwright
+
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--use-angle=swiftshader", "--enable-unsafe-swiftshader", "--ignore-gpu-blocklist",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
+]
+SIZE = (800, 600)  # data panel, pixels
+
+
+def layers(**named: neuroglancer.Layer) -> neuroglancer.ViewerState:
+    """A viewer state holding just these layers."""
+    state = neuroglancer.ViewerState()
+    for name, layer in named.items():
+        state.layers[name] = layer
+    return state
+
+
+@dataclass
+class Exchange:
+    method: str
+    url: str
+    status: int | None  # None: the request failed (network or CORS)
+    error: str = ""
+
+
+@dataclass
+class Screen:
+    image: np.ndarray  # (height, width, 4) uint8: the data panels only, no UI
+    exchanges: list[Exchange]  # every request the page sent to the watched server, in order
+    seconds: float  # from opening the page to every visible chunk drawn
+    state: neuroglancer.ViewerState  # what the viewer settled on (position, dimensions, zoom)
+
+
+def chromium() -> str:
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        raise RuntimeError("Debian's chromium is not installed: apt-get install chromium (.ci/run does this)")
+    return path
+
+
+def _wait(page, ready, deadline: float, message: str) -> None:
+    """Poll `ready` while letting playwright deliver the page's events (it does so only inside its own calls)."""
+    while not ready():
+        if time.monotonic() > deadline:
+            raise TimeoutError(message)
+        page.wait_for_timeout(50)
+
+
+class Browser:
+    """One headless Chromium for many views; each view gets a fresh Neuroglancer viewer and page."""
+
+    def __init__(self):
+        neuroglancer.set_server_bind_address("127.0.0.1")
+        self._playwright = sync_playwright().start()
+        self._browser = self._playwright.chromium.launch(executable_path=chromium(), args=CHROMIUM_ARGS)
+
+    def close(self) -> None:
+        self._browser.close()
+        self._playwright.stop()
+
+    def show(self, state: neuroglancer.ViewerState, watch: str, scale: float | None = None,
+             layout: str = "xy", timeout: float = 120) -> Screen:
+        """Open a viewer on `state` (in a fresh browser context: nothing cached), wait until everything
+        visible is drawn, and return the pixels with every request the page sent to URLs under `watch`."""
+        viewer = neuroglancer.Viewer()
+        viewer.set_state(state)
+        with viewer.txn() as s:
+            s.layout = layout
+            s.show_axis_lines = s.show_default_annotations = s.show_scale_bar = False
+        with viewer.config_state.txn() as s:
+            s.show_ui_controls = s.show_panel_borders = False
+            s.viewer_size = list(SIZE)
+        exchanges: list[Exchange] = []
+        page = self._browser.new_page(viewport={"width": SIZE[0], "height": SIZE[1]})
+        page.on("response", lambda r: r.url.startswith(watch) and exchanges.append(
+            Exchange(r.request.method, r.url, r.status)))
+        page.on("requestfailed", lambda r: r.url.startswith(watch) and exchanges.append(
+            Exchange(r.method, r.url, None, r.failure or "failed")))
+        try:
+            start = time.monotonic()
+            page.goto(viewer.get_viewer_url())
+            deadline = start + timeout
+            _wait(page, lambda: viewer.state.dimensions.names and viewer.state.position is not None, deadline,
+                  f"Neuroglancer did not open the sources; requests: {exchanges}")
+            with viewer.txn() as s:
+                # x across, y down, as a person sets it: for zarr:// the viewer's default is the first
+                # two axes, (t, z) of an OME-Zarr (t, c, z, y, x) array
+                s.display_dimensions = ["x", "y", "z"]
+                if scale is not None:  # voxels per pixel, once the sources have said what a voxel is
+                    s.cross_section_scale = scale
+            done = threading.Event()
+            replies: list = []
+            viewer.async_screenshot(lambda reply: (replies.append(reply), done.set()))
+            _wait(page, done.is_set, deadline, f"Neuroglancer did not finish drawing; requests: {exchanges}")
+            seconds = time.monotonic() - start
+            page.wait_for_timeout(100)  # deliver the last network events
+            image = np.asarray(Image.open(io.BytesIO(replies[0].screenshot.image)).convert("RGBA"))
+            return Screen(image, list(exchanges), seconds, viewer.state)
+        finally:
+            page.close()
