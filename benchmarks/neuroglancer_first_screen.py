@@ -5,7 +5,7 @@ computed on request. Baseline, in the same run: the very bytes the viewer fetche
 and served as static files (what converting the data ahead of time would give).
 
 For each view (precomputed://, zarr://) the viewer opens in a fresh browser context (no HTTP
-cache) in its default four-panel layout, 1280 x 800:
+cache) in its default four-panel layout, 800 x 600, with the URL pasted as a person does:
   cold    a fresh server process (empty chunk cache; the OS page cache holds the slices)
   warm    the same server again (every chunk the view needs is cached)
   static  aiohttp's static file handler serving the bodies the warm run received
@@ -30,7 +30,7 @@ import neuroglancer
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from neuroglancer_browser import Browser, Screen, layers  # noqa: E402
+from neuroglancer_browser import Browser, Screen  # noqa: E402
 from serve_throughput import free_port, start  # noqa: E402
 
 from bil_transform.demo import make_demo  # noqa: E402
@@ -63,8 +63,8 @@ def start_server(stack: contextlib.ExitStack, catalog: Path, log: Path) -> str:
 
 
 def open_view(browser: Browser, source: str, base: str) -> Screen:
-    screen = browser.show(layers(image=neuroglancer.ImageLayer(source=source.format(base=base))), watch=base,
-                          layout="4panel")
+    pasted = {"type": "auto", "source": source.format(base=base), "name": "demo"}  # as a person pastes it
+    screen = browser.show(neuroglancer.ViewerState({"layers": [pasted]}), watch=base, layout="4panel")
     failed = [e for e in screen.exchanges if e.status not in (200, 404) and "ERR_ABORTED" not in e.error]
     if failed:
         raise RuntimeError(f"requests failed: {failed}")

@@ -62,6 +62,15 @@ def _wait(page, ready, deadline: float, message: str) -> None:
         page.wait_for_timeout(50)
 
 
+def _screenshot(page, viewer: neuroglancer.Viewer, deadline: float, exchanges: list[Exchange]):
+    """The viewer's own screenshot, which it takes once every visible chunk is drawn."""
+    done = threading.Event()
+    replies: list = []
+    viewer.async_screenshot(lambda reply: (replies.append(reply), done.set()))
+    _wait(page, done.is_set, deadline, f"Neuroglancer did not finish drawing; requests: {exchanges}")
+    return replies[0]
+
+
 class Browser:
     """One headless Chromium for many views; each view gets a fresh Neuroglancer viewer and page."""
 
@@ -98,19 +107,17 @@ class Browser:
             deadline = start + timeout
             _wait(page, lambda: viewer.state.dimensions.names and viewer.state.position is not None, deadline,
                   f"Neuroglancer did not open the sources; requests: {exchanges}")
-            with viewer.txn() as s:
-                # x across, y down, as a person sets it: for zarr:// the viewer's default is the first
-                # two axes, (t, z) of an OME-Zarr (t, c, z, y, x) array
-                s.display_dimensions = ["x", "y", "z"]
-                if scale is not None:  # voxels per pixel, once the sources have said what a voxel is
+            if scale is not None:  # voxels per pixel, once the sources have said what a voxel is
+                with viewer.txn() as s:
                     s.cross_section_scale = scale
-            done = threading.Event()
-            replies: list = []
-            viewer.async_screenshot(lambda reply: (replies.append(reply), done.set()))
-            _wait(page, done.is_set, deadline, f"Neuroglancer did not finish drawing; requests: {exchanges}")
+            reply = _screenshot(page, viewer, deadline, exchanges)
             seconds = time.monotonic() - start
+            if viewer.state.tool_palettes:  # opened by the viewer's multi-channel setup, over the data
+                with viewer.txn() as s:
+                    s.tool_palettes = {}
+                reply = _screenshot(page, viewer, deadline, exchanges)
             page.wait_for_timeout(100)  # deliver the last network events
-            image = np.asarray(Image.open(io.BytesIO(replies[0].screenshot.image)).convert("RGBA"))
+            image = np.asarray(Image.open(io.BytesIO(reply.screenshot.image)).convert("RGBA"))
             return Screen(image, list(exchanges), seconds, viewer.state)
         finally:
             page.close()

@@ -70,7 +70,6 @@ def _voxels_under_pixels(screen: Screen, shape_zyx: tuple[int, int, int]) -> tup
 
 IMAGES = [
     ("precomputed", "slices16", "precomputed://{base}/ds/slices16/precomputed"),  # raw uint16, gzip
-    ("zarr", "slices16", "zarr://{base}/ds/slices16/zarr"),  # OME-Zarr 0.4, blosc
     ("jpeg", "tiled8", "precomputed://{base}/ds/tiled8/precomputed-jpeg"),
 ]
 
@@ -88,6 +87,29 @@ def test_image_is_drawn_from_the_source_voxels(server, sources, browser, kind, d
     expected = src.data[0, 0, z][ys, xs].astype(np.float64)
     # 0.99: a linear contrast map of the right voxels (a one-voxel shift measures about 0.92)
     assert np.corrcoef(gray.ravel(), expected.ravel())[0, 1] > 0.99
+
+
+def test_pasted_zarr_source_takes_its_channels_from_omero(server, sources, browser):
+    """A source pasted without a layer type, as a person does: the viewer turns the OME-Zarr (t, c, z,
+    y, x) into x, y, z, t, one additive layer per channel coloured and windowed by `omero`."""
+    src = sources[0]["ome04"]
+    root = f"{server.base}/ds/ome04/zarr"
+    omero = requests.get(f"{root}/.zattrs").json()["omero"]["channels"]
+    pasted = {"type": "auto", "source": f"zarr://{root}", "name": "ome04"}
+    screen = browser.show(neuroglancer.ViewerState({"layers": [pasted]}), watch=server.base, scale=0.12)
+    _check_exchanges(screen, root)
+    assert list(screen.state.dimensions.names)[:3] == ["x", "y", "z"]
+    shown = list(screen.state.layers)
+    assert [layer.shader_controls["color"] for layer in shown] == [f"#{c['color'].lower()}" for c in omero]
+    for layer, channel in zip(shown, omero):  # integer data: the viewer rounds the window to integers
+        assert list(layer.shader_controls["contrast"].range) == pytest.approx(
+            [channel["window"]["start"], channel["window"]["end"]], abs=1)
+    # channel 1 is magenta: the only one with red; drawn through its window
+    z, ys, xs = _voxels_under_pixels(screen, src.data.shape[2:])
+    start, end = omero[1]["window"]["start"], omero[1]["window"]["end"]
+    expected = np.clip((src.data[0, 1, z][ys, xs] - start) / (end - start), 0, 1)
+    red = screen.image[..., 0].astype(np.float64)
+    assert red.std() > 10 and np.corrcoef(red.ravel(), expected.ravel())[0, 1] > 0.99
 
 
 def test_segmentation_is_drawn_one_colour_per_label(server, sources, browser):
