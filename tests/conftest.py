@@ -127,6 +127,13 @@ def write_sources(root: Path) -> tuple[dict[str, Source], str]:
     sources["f64"] = Source("f64", k[None, None], (1.0, 1.0, 1.0))
     entries.append('id = "f64"\npath = "f64.zarr"')
 
+    # 10. uint64 labels with ids past 2**32: compressed_segmentation's 64-bit form.
+    m = (rng.integers(0, 4, (12, 45, 38)).astype(np.uint64) * (2**40 + 7))
+    arr = zarr.create_array(root / "labels64.zarr", shape=m.shape, chunks=(12, 45, 38), dtype="uint64")
+    arr[:] = m
+    sources["labels64"] = Source("labels64", m[None, None], (1.0, 1.0, 1.0), method="mode")
+    entries.append('id = "labels64"\npath = "labels64.zarr"\nkind = "labels"')
+
     catalog = "\n\n".join(f"[[datasets]]\n{e}" for e in entries) + "\n"
     return sources, catalog
 

@@ -40,7 +40,7 @@ def _assert_equal(got, want):
         np.testing.assert_array_equal(got, want)
 
 
-@pytest.mark.parametrize("ds", ["slices16", "tiled8", "ome04", "pyramid", "labels", "float32"])
+@pytest.mark.parametrize("ds", ["slices16", "tiled8", "ome04", "pyramid", "labels", "labels64", "float32"])
 def test_tensorstore_reads_every_scale(server, sources, ds):
     src = sources[0][ds]
     info = _info(server, f"/ds/{ds}/precomputed")
@@ -52,7 +52,7 @@ def test_tensorstore_reads_every_scale(server, sources, ds):
         _assert_equal(got, want.astype(got.dtype))
 
 
-@pytest.mark.parametrize("ds", ["slices16", "labels", "ome04"])
+@pytest.mark.parametrize("ds", ["slices16", "labels", "labels64", "ome04"])
 def test_cloud_volume_reads_every_mip(server, sources, ds):
     src = sources[0][ds]
     url = f"precomputed://{server.url(f'/ds/{ds}/precomputed')}"
