@@ -147,6 +147,7 @@ class Dataset:
         if self.pyramid is None:
             return {**doc, "status": "error", "error": self.error}
         vol = self.pyramid.volume
+        served = served_dtype(vol.dtype, vol.kind)
         return {
             **doc,
             "status": "ok",
@@ -159,8 +160,8 @@ class Dataset:
             "voxel_size_known": vol.voxel_size_known,
             "downsample": self.pyramid.method,
             "precomputed": {
-                "data_type": served_dtype(vol.dtype, vol.kind).name,
-                "encoding": self.spec.encoding or default_encoding(served_dtype(vol.dtype, vol.kind), vol.kind),
+                "data_type": served.name,
+                "encoding": self.spec.encoding or default_encoding(served, vol.kind),
                 "encodings": precomputed_encodings(self.pyramid),
             },
             "levels": [

@@ -7,7 +7,6 @@ import json
 import urllib.parse
 
 from .catalog import Dataset
-from .writers import default_encoding, precomputed_encodings, served_dtype
 
 DEFAULT_VIEWER = "https://neuroglancer-demo.appspot.com/"
 CHANNEL_SHADER = """#uicontrol invlerp normalized
@@ -24,7 +23,8 @@ def links(ds: Dataset, base: str, viewer: str = DEFAULT_VIEWER) -> dict:
     if ds.pyramid is None:
         return out
     out.update(zarr=f"{root}/zarr", precomputed=f"{root}/precomputed", thumbnail=f"{root}/thumbnail.png")
-    out.update({f"precomputed-{e}": f"{root}/precomputed-{e}" for e in precomputed_encodings(ds.pyramid)})
+    encodings = ds.summary()["precomputed"]["encodings"]
+    out.update({f"precomputed-{e}": f"{root}/precomputed-{e}" for e in encodings})
     t, c = ds.pyramid.volume.shape[:2]
     if c > 1:
         out["precomputed_channels"] = [f"{root}/c/{i}/precomputed" for i in range(c)]
@@ -65,14 +65,14 @@ def index_html(datasets: list[Dataset], base: str, viewer: str = DEFAULT_VIEWER)
             rows.append(f"<tr><td></td><td><b>{e(ds.spec.id)}</b><br>{title}</td>"
                         f"<td colspan=3 class=err>unavailable: {e(ds.error or '')}</td></tr>")
             continue
-        vol = ds.pyramid.volume
+        vol, served = ds.pyramid.volume, ds.summary()["precomputed"]
         link = links(ds, base, viewer)
         shape = " &times; ".join(map(str, vol.shape[2:][::-1]))
         extra = ", ".join(f"{n} {a}" for n, a in zip(vol.shape[:2], ("time points", "channels")) if n > 1)
         voxel = " &times; ".join(f"{v:g}" for v in vol.voxel_size[::-1])
         dtype = vol.dtype.name
-        if served_dtype(vol.dtype, vol.kind) != vol.dtype:
-            dtype += f" (precomputed: {served_dtype(vol.dtype, vol.kind).name})"
+        if served["data_type"] != dtype:
+            dtype += f" (precomputed: {served['data_type']})"
         rows.append(
             f"<tr><td><img src='{e(link['thumbnail'])}' loading=lazy alt='' width=128></td>"
             f"<td><b>{e(ds.spec.id)}</b><br>{title}</td>"
@@ -81,7 +81,7 @@ def index_html(datasets: list[Dataset], base: str, viewer: str = DEFAULT_VIEWER)
             f"<td><a href='{e(link['neuroglancer'])}'>open in Neuroglancer</a><br>"
             f"OME-Zarr: <code>{e(link['zarr'])}</code><br>"
             f"precomputed: <code>precomputed://{e(link['precomputed'])}</code> "
-            f"({default_encoding(served_dtype(vol.dtype, vol.kind), vol.kind)})</td></tr>"
+            f"({served['encoding']})</td></tr>"
         )
     return (
         "<!doctype html><html><head><meta charset=utf-8><meta name=viewport content='width=device-width'>"

@@ -61,7 +61,7 @@ def write_sources(root: Path) -> tuple[dict[str, Source], str]:
     tifffile.imwrite(root / "tiled8.tif", b, bigtiff=True, tile=(32, 48), compression="zlib",
                      photometric="minisblack", resolution=(1e4 / 0.5, 1e4 / 0.5), resolutionunit="CENTIMETER")
     sources["tiled8"] = Source("tiled8", b[None, None], (0.5, 0.5, 0.5))
-    entries.append('id = "tiled8"\npath = "tiled8.tif"\ntitle = "Tiled BigTIFF"\nspecies = "rat"')
+    entries.append('id = "tiled8"\npath = "tiled8.tif"\ntitle = "Tiled BigTIFF"\nspecies = "rat"\nencoding = "png"')
 
     # 3. A float32 zarr v2 array written by zarr-python.
     c = rng.normal(100, 30, (29, 101, 87)).astype(np.float32)

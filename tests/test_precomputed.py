@@ -123,6 +123,14 @@ def test_channels_and_time_points_as_their_own_sources(server, sources):
     assert requests.get(server.url("/ds/multi/c/3/precomputed/info")).status_code == 404
 
 
+def test_catalog_encoding_is_the_default_view(server):
+    # tiled8's catalog entry says encoding = "png": the plain view, the API and the index agree
+    assert _info(server, "/ds/tiled8/precomputed")["scales"][0]["encoding"] == "png"
+    assert requests.get(server.url("/api/datasets/tiled8")).json()["precomputed"]["encoding"] == "png"
+    index = requests.get(server.url("/")).text
+    assert f"precomputed://{server.base}/ds/tiled8/precomputed</code> (png)" in index
+
+
 def test_png_is_exact(server, sources):
     for ds in ("slices16", "tiled8"):
         info = _info(server, f"/ds/{ds}/precomputed-png")

@@ -20,12 +20,11 @@ def make_view(pyramid: Pyramid, name: str, *, compression: str, encoding: str | 
     raise KeyError(name)
 
 
-def precomputed_encodings(pyramid: Pyramid, channel: int | None = None) -> list[str]:
-    """Encodings the precomputed view can use for this dataset (all channels, or one)."""
+def precomputed_encodings(pyramid: Pyramid) -> list[str]:
+    """Encodings the precomputed view of all channels can use for this dataset."""
     vol = pyramid.volume
-    n = 1 if channel is not None else vol.shape[1]
     dtype = served_dtype(vol.dtype, vol.kind)
-    return [e for e in ENCODINGS if supported(e, dtype, n)]
+    return [e for e in ENCODINGS if supported(e, dtype, vol.shape[1])]
 
 
 __all__ = ["Resource", "VIEW_NAMES", "make_view", "precomputed_encodings", "default_encoding", "served_dtype"]
