@@ -84,9 +84,12 @@ class Browser:
         self._playwright.stop()
 
     def show(self, state: neuroglancer.ViewerState, watch: str, scale: float | None = None,
-             layout: str = "xy", timeout: float = 120) -> Screen:
+             layout: str = "xy", settled=lambda state: True, timeout: float = 120) -> Screen:
         """Open a viewer on `state` (in a fresh browser context: nothing cached), wait until everything
-        visible is drawn, and return the pixels with every request the page sent to URLs under `watch`."""
+        visible is drawn, and return the pixels with every request the page sent to URLs under `watch`.
+
+        `settled(state)` says when the viewer has finished setting itself up (for a pasted source it
+        splits channels and opens a shader-controls palette over the data, which is closed here)."""
         viewer = neuroglancer.Viewer()
         viewer.set_state(state)
         with viewer.txn() as s:
@@ -105,17 +108,14 @@ class Browser:
             start = time.monotonic()
             page.goto(viewer.get_viewer_url())
             deadline = start + timeout
-            _wait(page, lambda: viewer.state.dimensions.names and viewer.state.position is not None, deadline,
-                  f"Neuroglancer did not open the sources; requests: {exchanges}")
-            if scale is not None:  # voxels per pixel, once the sources have said what a voxel is
-                with viewer.txn() as s:
+            _wait(page, lambda: viewer.state.dimensions.names and viewer.state.position is not None
+                  and settled(viewer.state), deadline, f"Neuroglancer did not open the sources; requests: {exchanges}")
+            with viewer.txn() as s:
+                s.tool_palettes = {}
+                if scale is not None:  # voxels per pixel, once the sources have said what a voxel is
                     s.cross_section_scale = scale
             reply = _screenshot(page, viewer, deadline, exchanges)
             seconds = time.monotonic() - start
-            if viewer.state.tool_palettes:  # opened by the viewer's multi-channel setup, over the data
-                with viewer.txn() as s:
-                    s.tool_palettes = {}
-                reply = _screenshot(page, viewer, deadline, exchanges)
             page.wait_for_timeout(100)  # deliver the last network events
             image = np.asarray(Image.open(io.BytesIO(reply.screenshot.image)).convert("RGBA"))
             return Screen(image, list(exchanges), seconds, viewer.state)

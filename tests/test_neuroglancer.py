@@ -96,7 +96,9 @@ def test_pasted_zarr_source_takes_its_channels_from_omero(server, sources, brows
     root = f"{server.base}/ds/ome04/zarr"
     omero = requests.get(f"{root}/.zattrs").json()["omero"]["channels"]
     pasted = {"type": "auto", "source": f"zarr://{root}", "name": "ome04"}
-    screen = browser.show(neuroglancer.ViewerState({"layers": [pasted]}), watch=server.base, scale=0.12)
+    screen = browser.show(neuroglancer.ViewerState({"layers": [pasted]}), watch=server.base, scale=0.12,
+                          settled=lambda s: len(s.layers) == len(omero)
+                          and all("contrast" in layer.shader_controls for layer in s.layers))
     _check_exchanges(screen, root)
     assert list(screen.state.dimensions.names)[:3] == ["x", "y", "z"]
     shown = list(screen.state.layers)
