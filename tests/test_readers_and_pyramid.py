@@ -58,11 +58,11 @@ def test_slice_stack_opens_one_header_then_only_the_slices_a_block_spans(tmp_pat
 
 
 def test_natural_sort_order(tmp_path):
-    for z in (1, 2, 10, 11, 100):
+    for z in range(1, 13):
         tifffile.imwrite(tmp_path / f"img_{z}.tif", np.full((4, 4), z, np.uint8))
     reader = open_source(tmp_path)
-    got = reader.read(0, 0, 0, (slice(0, 5), slice(0, 1), slice(0, 1)))[:, 0, 0]
-    assert list(got) == [1, 2, 10, 11, 100]
+    got = reader.read(0, 0, 0, (slice(0, 12), slice(0, 1), slice(0, 1)))[:, 0, 0]
+    assert list(got) == list(range(1, 13))  # img_2 before img_10
 
 
 def test_glob_selects_slices_and_checks_each_one(tmp_path):

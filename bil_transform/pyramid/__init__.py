@@ -23,10 +23,10 @@ DEFAULT_CHUNK = (64, 64, 64)
 @dataclass(frozen=True)
 class Level:
     shape: tuple[int, int, int]  # z, y, x
-    factors: tuple[int, int, int]  # relative to level 0
+    factors: tuple[float, float, float]  # voxel size relative to level 0
     chunks: tuple[int, int, int]
     native: int | None  # index of the reader's native level, or None if synthesized
-    step: tuple[int, int, int] = (1, 1, 1)  # factors relative to the previous level
+    step: tuple[int, int, int] = (1, 1, 1)  # integer reduction from the previous level (synthesized levels)
 
     @property
     def grid(self) -> tuple[int, int, int]:
@@ -46,8 +46,7 @@ def plan_levels(reader: Reader, chunk: tuple[int, int, int]) -> list[Level]:
 
     levels = []
     for i, nl in enumerate(vol.native_levels):
-        prev = levels[-1].factors if levels else (1, 1, 1)
-        levels.append(Level(nl.shape, nl.factors, clip(nl.shape), i, tuple(f // p for f, p in zip(nl.factors, prev))))
+        levels.append(Level(nl.shape, nl.factors, clip(nl.shape), i))
     while any(s > c for s, c in zip(levels[-1].shape, chunk)):
         last = levels[-1]
         vz, vy, vx = (v * f for v, f in zip(vol.voxel_size, last.factors))

@@ -7,7 +7,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .base import Channel, NativeLevel, Reader, Region, SourceError, Volume
-from .tiff import TiffFileReader, TiffStackReader, stack_files
+from .imaris import ImarisReader, is_hdf5
+from .jpeg2000 import JPEG2000_SLICES, is_jpeg2000
+from .slices import SliceStackReader, StackLayout, stack_layout
+from .tiff import TiffFileReader
 from .zarr_source import ZarrReader, is_zarr
 
 TIFF_MAGIC = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")
@@ -20,28 +23,45 @@ def _is_tiff_file(path: Path) -> bool:
         return f.read(4) in TIFF_MAGIC
 
 
-def _is_glob(path: Path) -> bool:
-    return any(ch in str(path) for ch in "*?[") and not path.exists()
+def _one_jpeg2000(path: Path) -> Reader:
+    return SliceStackReader(path, StackLayout(JPEG2000_SLICES, [(path.stem, [path])]))
 
 
 # (format name, does this path look like it, how to open it). First match wins.
 REGISTRY: list[tuple[str, Callable[[Path], bool], Callable[[Path], Reader]]] = [
     ("zarr", is_zarr, ZarrReader),
     ("tiff", _is_tiff_file, TiffFileReader),
-    ("tiff-stack", lambda p: (p.is_dir() or _is_glob(p)) and bool(stack_files(p)), TiffStackReader),
+    ("jpeg2000", is_jpeg2000, _one_jpeg2000),
+    ("imaris", is_hdf5, ImarisReader),
+    ("slice-stack", lambda p: stack_layout(p) is not None, SliceStackReader),
 ]
+
+
+def _contents(p: Path) -> str:
+    """A short account of what a path holds, for the message that says it is not a source."""
+    if p.is_file():
+        with open(p, "rb") as f:
+            head = f.read(8)
+        return f"a file starting with bytes {head!r}, which is not TIFF, JPEG2000, HDF5 (Imaris) or Zarr"
+    if p.is_dir():
+        suffixes: dict[str, int] = {}
+        for child in p.iterdir():
+            kind = "directories" if child.is_dir() else (child.suffix.lower() or "no suffix") + " files"
+            suffixes[kind] = suffixes.get(kind, 0) + 1
+        found = ", ".join(f"{n} {kind}" for kind, n in sorted(suffixes.items())) or "nothing"
+        return f"a directory holding {found}; no Zarr metadata, TIFF or JPEG2000 slices, or channel directories of them"
+    return "a glob that matches no TIFF or JPEG2000 slices"
 
 
 def open_source(path: str | Path) -> Reader:
     """Open any supported source, or raise SourceError saying why the path is not one."""
     p = Path(path).expanduser()
-    if not p.exists() and not (_is_glob(p) and glob.glob(str(p))):
+    if not p.exists() and not (any(ch in str(p) for ch in "*?[") and glob.glob(str(p))):
         raise SourceError(f"{p}: no such file or directory")
     for _name, detect, factory in REGISTRY:
         if detect(p):
             return factory(p)
-    raise SourceError(
-        f"{p}: not a supported source (expected a TIFF file, a directory or glob of TIFF slices, or Zarr)")
+    raise SourceError(f"{p}: not a supported source: {_contents(p)}")
 
 
 __all__ = ["Channel", "NativeLevel", "Reader", "Region", "SourceError", "Volume", "open_source", "REGISTRY"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import re
 from collections.abc import Sequence
@@ -12,7 +13,14 @@ from typing import Protocol
 
 import numpy as np
 
+from ..cache import ChunkCache
+
 Region = tuple[slice, slice, slice]  # z, y, x; start/stop always set, step 1
+
+
+# Decoded source segments (compressed TIFF strips, JPEG2000 windows) that are larger than the
+# regions asking for them: kept so each is decoded once, not once per chunk it serves.
+DECODED = ChunkCache(256 * 2**20)
 
 
 class SourceError(Exception):
@@ -31,7 +39,7 @@ class NativeLevel:
     """A resolution level the source stores itself."""
 
     shape: tuple[int, int, int]  # z, y, x
-    factors: tuple[int, int, int]  # integer downsampling of level 0, z, y, x
+    factors: tuple[float, float, float]  # voxel size relative to level 0, z, y, x (Imaris: 75/38, not 2)
 
 
 @dataclass(frozen=True)
@@ -47,7 +55,7 @@ class Volume:
     block_shape: tuple[int, int, int]  # natural read unit of the source, z, y, x
     version: str
     channels: tuple[Channel, ...] = ()
-    origin: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    origin: tuple[float, float, float] = (0.0, 0.0, 0.0)  # centre of voxel 0 at level 0, z, y, x micrometers
     voxel_size_known: bool = True
     kind: str = "image"
     notes: tuple[str, ...] = field(default=())
@@ -94,3 +102,17 @@ def check_region(shape: Sequence[int], region: Region) -> None:
     for s, n in zip(region, shape):
         if not (0 <= s.start <= s.stop <= n):
             raise ValueError(f"region {region} is outside the level shape {tuple(shape)}")
+
+
+def grid_cells(region: Sequence[slice], cell: Sequence[int], shape: Sequence[int]):
+    """The cells of a regular grid (chunks, tiles, decode windows) that `region` overlaps, as
+    (the cell clipped to `shape`, the part of the region inside it)."""
+    starts = [range(r.start - r.start % c, r.stop, c) for r, c in zip(region, cell)]
+    for origin in itertools.product(*starts):
+        win = tuple(slice(o, min(o + c, n)) for o, c, n in zip(origin, cell, shape))
+        yield win, tuple(slice(max(r.start, w.start), min(r.stop, w.stop)) for r, w in zip(region, win))
+
+
+def within(inner: Sequence[slice], outer: Sequence[slice]) -> tuple[slice, ...]:
+    """`inner` in the coordinates of `outer`'s first voxel."""
+    return tuple(slice(i.start - o.start, i.stop - o.start) for i, o in zip(inner, outer))

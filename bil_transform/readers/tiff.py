@@ -7,7 +7,6 @@ the file offsets tifffile parses; a slice stack opens only the slices a region s
 from __future__ import annotations
 
 import functools
-import glob
 import threading
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -15,25 +14,22 @@ from typing import BinaryIO
 
 import numpy as np
 import tifffile
-from cachetools import LRUCache
 
-from ..cache import ChunkCache
 from .base import (
+    DECODED,
     NativeLevel,
     Region,
     SourceError,
     Volume,
     check_region,
     default_channels,
-    natural_key,
+    grid_cells,
     version_token,
+    within,
 )
+from .slices import SliceInfo
 
 TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8", ".ome.tif", ".ome.tiff")
-# Decoded compressed segments that are larger than the regions asking for them (a whole-plane
-# strip serves many chunks): kept so each is decoded once, not once per chunk.
-SEGMENTS = ChunkCache(256 * 2**20)
-PARSED_SLICES = 4096  # parsed slice headers kept per stack (a few KB each)
 UM_PER_UNIT = {
     "m": 1e6, "mm": 1e3, "cm": 1e4, "um": 1.0, "µm": 1.0, "\\u00b5m": 1.0, "micron": 1.0,
     "microns": 1.0, "micrometer": 1.0, "nm": 1e-3, "nanometer": 1e-3, "pm": 1e-6,
@@ -45,13 +41,34 @@ def read_page_region(page, fh: BinaryIO, name: str, ys: slice, xs: slice, sample
 
     Uncompressed segments are read by row range: a single-strip plane costs the rows a
     region needs, not the whole plane. Compressed segments are decoded whole, and kept in
-    SEGMENTS when the region uses only part of one. `name` is the file's path, for messages
+    DECODED when the region uses only part of one. `name` is the file's path, for messages
     and cache keys; `version` keys cached segments to the file's state.
     """
     key = page.keyframe
     out = np.zeros((ys.stop - ys.start, xs.stop - xs.start), key.dtype)
     if out.size == 0:
         return out
+    seg_h, seg_w = key.chunks[0], key.chunks[1]
+    n_cols = key.chunked[1]
+    separate = key.planarconfig == 2
+    plane = sample * key.chunked[0] * n_cols if separate else 0
+    raw = _raw_dtype(key)
+    offsets, counts = page.dataoffsets, page.databytecounts
+    for win, part in grid_cells((ys, xs), (seg_h, seg_w), (key.imagelength, key.imagewidth)):
+        index = plane + win[0].start // seg_h * n_cols + win[1].start // seg_w
+        if counts[index] == 0:
+            continue  # sparse segment: fill value
+        if raw is not None:  # only the rows the region needs
+            rows = slice(part[0].start, part[0].stop)
+            segment = _raw_rows(fh, name, raw, offsets[index], seg_w, 1 if separate else key.samplesperpixel,
+                                rows.start - win[0].start, rows.stop - win[0].start)
+            win = (rows, win[1])
+        else:
+            args = (key, fh, name, offsets[index], counts[index], index)
+            segment = (_decoded(*args) if part == win else DECODED.get_or_compute(
+                (name, version, offsets[index]), functools.partial(_decoded, *args)))[0]
+        out[within(part, (ys, xs))] = segment[:, :, 0 if separate else sample][within(part, win)]
+    return out
     seg_h, seg_w = key.chunks[0], key.chunks[1]
     n_rows, n_cols = key.chunked[0], key.chunked[1]
     separate = key.planarconfig == 2
@@ -72,7 +89,7 @@ def read_page_region(page, fh: BinaryIO, name: str, ys: slice, xs: slice, sample
             else:
                 args = (key, fh, name, offsets[index], counts[index], index)
                 whole = ys.start <= y0 and y0 + seg_h <= ys.stop and xs.start <= x0 and x0 + seg_w <= xs.stop
-                segment = (_decoded(*args) if whole else SEGMENTS.get_or_compute(
+                segment = (_decoded(*args) if whole else DECODED.get_or_compute(
                     (name, version, offsets[index]), functools.partial(_decoded, *args)))[0]
             segment = segment[:, :, 0 if separate else sample]
             y_a, y_b = max(ys.start, y0), min(ys.stop, y0 + segment.shape[0])
@@ -220,76 +237,33 @@ class TiffFileReader:
         return out
 
 
-def stack_files(path: Path | str) -> list[Path]:
-    """The slice files of a directory or glob, in natural order."""
-    p = Path(path)
-    if p.is_dir():
-        files = [f for f in p.iterdir() if f.is_file() and f.name.lower().endswith(TIFF_SUFFIXES)]
-    else:
-        files = [Path(f) for f in glob.glob(str(path)) if Path(f).is_file()]
-    return sorted(files, key=lambda f: natural_key(f.name))
+class TiffSlices:
+    """2-D TIFF slices for SliceStackReader. The header is the parsed first page."""
 
+    name = "tiff-stack"
+    suffixes = TIFF_SUFFIXES
 
-class TiffStackReader:
-    """A directory or glob of 2-D TIFF slices, one per z. Only the first slice is opened up front;
-    every other slice is checked against it when a region first touches it."""
-
-    def __init__(self, path: Path | str, files: list[Path] | None = None):
-        self.files = files if files is not None else stack_files(path)
-        if not self.files:
-            raise SourceError(f"{path}: no TIFF slices found")
-        with _open(self.files[0]) as tf:
+    def open(self, path: Path) -> tuple:
+        with _open(path) as tf:
             page = tf.pages.first
             if page.samplesperpixel > 1 and page.planarconfig not in (1, 2):
-                raise SourceError(f"{self.files[0]}: unsupported sample layout")
-            self._slice = (page.imagelength, page.imagewidth, page.samplesperpixel, np.dtype(page.dtype))
-            voxel = _voxel_size(tf)
-            chunks = page.chunks
-        y, x, samples, dtype = self._slice
-        self.volume = Volume(
-            format="tiff-stack",
-            path=str(path),
-            shape=(1, samples, len(self.files), y, x),
-            dtype=dtype,
-            voxel_size=voxel or (1.0, 1.0, 1.0),
-            voxel_size_known=voxel is not None,
-            native_levels=(NativeLevel((len(self.files), y, x), (1, 1, 1)),),
-            block_shape=(1, min(chunks[0], y), min(chunks[1], x)),
-            version=version_token(self.files),
-            channels=default_channels(samples),
-        )
-        self._pages: LRUCache = LRUCache(maxsize=PARSED_SLICES)
-        self._lock = threading.Lock()
+                raise SourceError(f"{path}: unsupported sample layout")
+            page.decode  # noqa: B018 - build the decoder while the file is open
+            return page, _voxel_size(tf)
 
-    def _page(self, f: Path):
-        """The slice's parsed first page, checked against the stack; parsed once, then kept (LRU)."""
-        with self._lock:
-            page = self._pages.get(f)
-        if page is None:
-            with _open(f) as tf:
-                page = tf.pages.first
-                found = (page.imagelength, page.imagewidth, page.samplesperpixel, np.dtype(page.dtype))
-                if found != self._slice:
-                    raise SourceError(
-                        f"{f}: slice is {found[0]}x{found[1]}x{found[2]} {found[3]}, "
-                        f"the stack is {self._slice[0]}x{self._slice[1]}x{self._slice[2]} {self._slice[3]}"
-                    )
-                page.decode  # noqa: B018 - build the decoder while the file is open
-            with self._lock:
-                self._pages[f] = page
-        return page
+    def info(self, header: tuple) -> SliceInfo:
+        page, voxel = header
+        return SliceInfo(page.imagelength, page.imagewidth, page.samplesperpixel, np.dtype(page.dtype),
+                         voxel_size=voxel)
 
-    def read(self, level: int, t: int, c: int, region: Region) -> np.ndarray:
-        check_region(self.volume.spatial_shape, region)
-        zs, ys, xs = region
-        out = np.empty([s.stop - s.start for s in region], self.volume.dtype)
-        for i, f in enumerate(self.files[zs]):
-            page = self._page(f)
-            try:
-                with open(f, "rb") as fh:
-                    out[i] = read_page_region(page, fh, str(f), ys, xs, c, self.volume.version)
-            except SourceError:
-                raise
-            except Exception as exc:
-                raise SourceError(f"{f}: cannot read ({exc})") from exc
-        return out
+    def block(self, header: tuple) -> tuple[int, int]:
+        page, _ = header
+        return min(page.chunks[0], page.imagelength), min(page.chunks[1], page.imagewidth)
+
+    def read(self, header: tuple, path: Path, level: int, ys: slice, xs: slice, sample: int,
+             version: str) -> np.ndarray:
+        with open(path, "rb") as fh:
+            return read_page_region(header[0], fh, str(path), ys, xs, sample, version)
+
+
+TIFF_SLICES = TiffSlices()

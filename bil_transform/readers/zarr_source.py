@@ -25,6 +25,10 @@ def _ome_attrs(group: zarr.Group) -> dict | None:
     return ome if "multiscales" in ome else None
 
 
+def _scale_of(dataset: dict) -> list[float] | None:
+    return next((t["scale"] for t in dataset.get("coordinateTransformations", []) if t["type"] == "scale"), None)
+
+
 class ZarrReader:
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -51,11 +55,16 @@ class ZarrReader:
         self._axes, self._arrays = axes, arrays
         full = dict(zip(axes, arrays[0].shape))
         shape = (full.get("t", 1), full.get("c", 1), full.get("z", 1), full["y"], full["x"])
+        scales = self._scales(ms, axes) if not isinstance(node, zarr.Array) else [None]
         levels = []
-        for a in arrays:
+        for a, scale in zip(arrays, scales):
             s = dict(zip(axes, a.shape))
             lvl = (s.get("z", 1), s["y"], s["x"])
-            levels.append(NativeLevel(lvl, tuple(max(1, round(n0 / n)) for n0, n in zip(shape[2:], lvl))))
+            if scale is not None and scales[0] is not None:  # the metadata's own factors: 75 -> 38 is still 2
+                factors = tuple(mine / first for first, mine in zip(scales[0], scale))
+            else:
+                factors = tuple(float(max(1, round(n0 / n))) for n0, n in zip(shape[2:], lvl))
+            levels.append(NativeLevel(lvl, factors))
         chunks = dict(zip(axes, arrays[0].chunks))
         meta = [p for a in arrays for n in METADATA_FILES if (p := self.path / a.path / n).exists()]
         meta += [p for n in METADATA_FILES if (p := self.path / n).exists()]
@@ -75,11 +84,19 @@ class ZarrReader:
         )
 
     @staticmethod
+    def _scales(ms: dict, axes: str) -> list[tuple[float, float, float] | None]:
+        """Each level's (z, y, x) scale transform, None where a level has none (or a zero)."""
+        out = []
+        for d in ms["datasets"]:
+            scale = _scale_of(d)
+            size = dict(zip(axes, scale)) if scale is not None and len(scale) == len(axes) else None
+            zyx = (size.get("z", 1.0), size["y"], size["x"]) if size else None
+            out.append(zyx if zyx and all(v > 0 for v in zyx) else None)
+        return out
+
+    @staticmethod
     def _voxel_size(ms: dict, axes: str) -> tuple[tuple[float, float, float], bool]:
-        scale = next(
-            (t["scale"] for t in ms["datasets"][0].get("coordinateTransformations", []) if t["type"] == "scale"),
-            None,
-        )
+        scale = _scale_of(ms["datasets"][0])
         if scale is None:
             return (1.0, 1.0, 1.0), False
         units = {a.get("name"): a.get("unit") for a in ms.get("axes", []) if isinstance(a, dict)}

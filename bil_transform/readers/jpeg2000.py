@@ -1,0 +1,108 @@
+"""JPEG2000 slices: the wavelet reductions each file stores are native x/y levels.
+
+OpenJPEG (through glymur) decodes an area at a reduction directly, so a coarse level costs a
+fraction of a full decode. A request decodes aligned windows of WINDOW x WINDOW voxels of its
+level; a window larger than the request is kept in DECODED for the neighbouring chunks.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import math
+from pathlib import Path
+
+import glymur
+import numpy as np
+
+from .base import DECODED, SourceError, grid_cells, within
+from .slices import SliceInfo
+
+SUFFIXES = (".jp2", ".j2k", ".j2c", ".jpc", ".jpx", ".jpf")
+MAGIC = (b"\x00\x00\x00\x0cjP  \r\n\x87\n", b"\xff\x4f\xff\x51")  # JP2 signature box, raw codestream SOC+SIZ
+WINDOW = 1024
+
+
+def is_jpeg2000(path: Path) -> bool:
+    if not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        head = f.read(12)
+    return any(head.startswith(m) for m in MAGIC)
+
+
+class Jpeg2000Slices:
+    """2-D JPEG2000 slices for SliceStackReader. The header is a parsed glymur.Jp2k."""
+
+    name = "jpeg2000-stack"
+    suffixes = SUFFIXES
+
+    def open(self, path: Path) -> glymur.Jp2k:
+        if not is_jpeg2000(path):
+            raise SourceError(f"{path}: not a JPEG2000 file (no JP2 signature or codestream marker)")
+        try:
+            return glymur.Jp2k(str(path))
+        except Exception as exc:
+            raise SourceError(f"{path}: not a readable JPEG2000 file ({exc})") from exc
+
+    def info(self, jp2: glymur.Jp2k) -> SliceInfo:
+        siz = jp2.codestream.segment[1]
+        cod = next(s for s in jp2.codestream.segment if s.marker_id == "COD")
+        if max(siz.bitdepth) > 16:
+            raise SourceError(f"{jp2.filename}: {max(siz.bitdepth)}-bit JPEG2000 samples are not supported")
+        height, width = jp2.shape[:2]
+        return SliceInfo(height, width, len(siz.bitdepth), _dtype(jp2), cod.num_res, voxel_size=_voxel_size(jp2))
+
+    def block(self, jp2: glymur.Jp2k) -> tuple[int, int]:
+        return min(WINDOW, jp2.shape[0]), min(WINDOW, jp2.shape[1])
+
+    def read(self, jp2: glymur.Jp2k, path: Path, level: int, ys: slice, xs: slice, sample: int,
+             version: str) -> np.ndarray:
+        height, width = (math.ceil(n / 2**level) for n in jp2.shape[:2])
+        out = np.empty((ys.stop - ys.start, xs.stop - xs.start), _dtype(jp2))
+        for win, part in grid_cells((ys, xs), (WINDOW, WINDOW), (height, width)):
+            decode = functools.partial(_decode, jp2, level, win)
+            if part == win:
+                data = decode()
+            else:
+                data = DECODED.get_or_compute((str(path), version, level, win[0].start, win[1].start), decode)
+            data = data[within(part, win)]
+            out[within(part, (ys, xs))] = data[..., sample] if data.ndim == 3 else data
+        return out
+
+
+def _dtype(jp2: glymur.Jp2k) -> np.dtype:
+    siz = jp2.codestream.segment[1]
+    return np.dtype(f"{'i' if any(siz.signed) else 'u'}{1 if max(siz.bitdepth) <= 8 else 2}")
+
+
+def _decode(jp2: glymur.Jp2k, level: int, win: tuple[slice, slice]) -> np.ndarray:
+    """Decode one window of reduction `level`. Jp2k keeps decode parameters on the object, so
+    each decode works on its own shallow copy and threads never share them."""
+    step = 2**level
+    height, width = jp2.shape[:2]
+    rows = slice(win[0].start * step, min(win[0].stop * step, height), step)
+    cols = slice(win[1].start * step, min(win[1].stop * step, width), step)
+    try:
+        data = copy.copy(jp2)[rows, cols]
+    except Exception as exc:
+        raise SourceError(f"{jp2.filename}: cannot decode ({exc})") from exc
+    expected = (win[0].stop - win[0].start, win[1].stop - win[1].start)
+    if data.shape[:2] != expected:
+        raise SourceError(f"{jp2.filename}: decoded {data.shape[:2]} voxels where {expected} were expected")
+    data.flags.writeable = False
+    return data
+
+
+def _voxel_size(jp2: glymur.Jp2k) -> tuple[float, float, float] | None:
+    """From the JP2 capture (or display) resolution box, in pixels per metre; z is unknown, so x."""
+    boxes = [b for top in jp2.box if top.box_id == "jp2h" for b in top.box if b.box_id == "res "]
+    for res in boxes:
+        for b in res.box:
+            if b.box_id in ("resc", "resd") and b.vertical_resolution > 0 and b.horizontal_resolution > 0:
+                y, x = 1e6 / b.vertical_resolution, 1e6 / b.horizontal_resolution
+                return (x, y, x)
+    return None
+
+
+JPEG2000_SLICES = Jpeg2000Slices()

@@ -1,0 +1,222 @@
+"""Slice stacks: one 2-D file per z (TIFF or JPEG2000), in a directory, a glob, or one directory per channel.
+
+Only the first slice is opened up front. Every other slice is opened, and checked against
+the first, when a region first touches it; its parsed header is then kept (LRU).
+"""
+
+from __future__ import annotations
+
+import glob
+import math
+import re
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from cachetools import LRUCache
+
+from .base import (
+    Channel,
+    NativeLevel,
+    Region,
+    SourceError,
+    Volume,
+    check_region,
+    default_channels,
+    natural_key,
+    version_token,
+)
+
+PARSED_SLICES = 4096  # parsed slice headers kept per stack (a few KB each)
+
+
+@dataclass(frozen=True)
+class SliceInfo:
+    """What every slice of a stack must share."""
+
+    height: int
+    width: int
+    samples: int
+    dtype: np.dtype
+    reductions: int = 0  # native 2x reductions the format stores (JPEG2000 wavelet levels)
+    voxel_size: tuple[float, float, float] | None = field(default=None, compare=False)  # z, y, x um
+
+    def describe(self) -> str:
+        return f"{self.height}x{self.width}x{self.samples} {self.dtype}"
+
+
+class SliceFormat(Protocol):
+    name: str  # Volume.format, e.g. "tiff-stack"
+    suffixes: tuple[str, ...]
+
+    def open(self, path: Path) -> Any:
+        """Parse one slice's header; the result is shared between threads. Raises SourceError."""
+
+    def info(self, header: Any) -> SliceInfo: ...
+
+    def block(self, header: Any) -> tuple[int, int]:
+        """The slice's natural read unit (rows, columns): a strip, tile or decode window."""
+
+    def read(self, header: Any, path: Path, level: int, ys: slice, xs: slice, sample: int,
+             version: str) -> np.ndarray:
+        """Rows ys and columns xs of one sample of the slice, at native 2x reduction `level`."""
+
+
+def _formats() -> list[SliceFormat]:
+    from .jpeg2000 import JPEG2000_SLICES
+    from .tiff import TIFF_SLICES
+
+    return [TIFF_SLICES, JPEG2000_SLICES]
+
+
+def _is_glob(path: Path) -> bool:
+    return any(ch in str(path) for ch in "*?[") and not path.exists()
+
+
+def _files(path: Path, suffixes: tuple[str, ...]) -> list[Path]:
+    if path.is_dir():
+        found = [f for f in path.iterdir() if f.is_file() and f.name.lower().endswith(suffixes)]
+    else:
+        found = [Path(f) for f in glob.glob(str(path)) if Path(f).is_file() and f.lower().endswith(suffixes)]
+    return sorted(found, key=lambda f: natural_key(f.name))
+
+
+def _check_numbering(where: Path, files: list[Path]) -> None:
+    """Refuse a stack whose names do not follow one pattern, or whose slice numbers skip:
+    either would put planes at the wrong z without anyone noticing."""
+    if len(files) < 2:
+        return
+    parts = [re.split(r"(\d+)", f.name) for f in files]
+    masked = [tuple("#" if i % 2 else text for i, text in enumerate(p)) for p in parts]
+    pattern, _ = Counter(masked).most_common(1)[0]
+    stray = [f for f, m in zip(files, masked) if m != pattern]
+    if stray:
+        example = files[masked.index(pattern)].name
+        raise SourceError(f"{stray[0]}: stray file in a stack of slices named like {example} "
+                          f"({len(stray)} such file{'s' if len(stray) > 1 else ''}; move it away or use a glob)")
+    varying = [i for i in range(1, len(parts[0]), 2) if len({p[i] for p in parts}) > 1]
+    if len(varying) != 1:
+        return  # the z number cannot be told apart from other numbers in the names: trust the sort order
+    numbers = [int(p[varying[0]]) for p in parts]
+    steps = [b - a for a, b in zip(numbers, numbers[1:])]
+    step = min(steps)
+    for k, s in enumerate(steps):
+        if s == 0:
+            raise SourceError(f"{files[k + 1]}: slice number {numbers[k]} appears twice in {where} "
+                              f"(also {files[k].name})")
+        if s != step:
+            missing = s // step - 1
+            raise SourceError(f"{where}: {missing} slice{'s are' if missing > 1 else ' is'} missing between "
+                              f"{files[k].name} and {files[k + 1].name}")
+
+
+@dataclass(frozen=True)
+class StackLayout:
+    format: SliceFormat
+    channels: list[tuple[str, list[Path]]]  # (channel name, slice files in z order)
+
+
+def stack_layout(path: Path) -> StackLayout | None:
+    """The stack at `path`: a directory or glob of slices, or a directory of channel directories
+    of slices; None if `path` is neither. Raises SourceError for a stack that is broken."""
+    if not (path.is_dir() or _is_glob(path)):
+        return None
+    for fmt in _formats():
+        files = _files(path, fmt.suffixes)
+        if files:
+            _check_numbering(path, files)
+            return StackLayout(fmt, [(path.name, files)])
+    if not path.is_dir():
+        return None
+    subdirs = sorted((d for d in path.iterdir() if d.is_dir() and not d.name.startswith(".")),
+                     key=lambda d: natural_key(d.name))
+    for fmt in _formats():
+        channels = [(d.name, _files(d, fmt.suffixes)) for d in subdirs]
+        channels = [(name, files) for name, files in channels if files]
+        if channels:
+            for d, (_, files) in zip(subdirs, channels):
+                _check_numbering(path / d.name, files)
+            counts = {len(files) for _, files in channels}
+            if len(counts) > 1:
+                detail = ", ".join(f"{name}: {len(files)}" for name, files in channels)
+                raise SourceError(f"{path}: channel directories hold different numbers of slices ({detail})")
+            return StackLayout(fmt, channels)
+    return None
+
+
+class SliceStackReader:
+    """Channels x z slices; samples of multi-sample slices (RGB) become channels too."""
+
+    def __init__(self, path: Path | str, layout: StackLayout | None = None):
+        path = Path(path)
+        layout = layout or stack_layout(path)
+        if layout is None:
+            raise SourceError(f"{path}: no TIFF or JPEG2000 slices found")
+        self.format = layout.format
+        self._files = [files for _, files in layout.channels]
+        first = self._files[0][0]
+        header = self.format.open(first)
+        self._slice = self.format.info(header)
+        s = self._slice
+        voxel = s.voxel_size
+        n_z = len(self._files[0])
+        levels = [NativeLevel((n_z, _reduced(s.height, r), _reduced(s.width, r)), (1.0, 2.0**r, 2.0**r))
+                  for r in range(s.reductions + 1)]
+        if len(layout.channels) > 1:
+            names = [f"{name}:{i}" if s.samples > 1 else name for name, _ in layout.channels for i in range(s.samples)]
+        else:
+            names = [c.name for c in default_channels(s.samples)]
+        colors = default_channels(len(names))
+        self.volume = Volume(
+            format=self.format.name,
+            path=str(path),
+            shape=(1, len(names), n_z, s.height, s.width),
+            dtype=s.dtype,
+            voxel_size=voxel or (1.0, 1.0, 1.0),
+            voxel_size_known=voxel is not None,
+            native_levels=tuple(levels),
+            block_shape=(1, *self.format.block(header)),
+            version=version_token([f for files in self._files for f in files]),
+            channels=tuple(Channel(n, c.color) for n, c in zip(names, colors)),
+        )
+        self._headers: LRUCache = LRUCache(maxsize=PARSED_SLICES)
+        self._headers[first] = header
+        self._lock = threading.Lock()
+
+    @property
+    def files(self) -> list[Path]:
+        return [f for files in self._files for f in files]
+
+    def _header(self, f: Path):
+        with self._lock:
+            header = self._headers.get(f)
+        if header is None:
+            header = self.format.open(f)
+            found = self.format.info(header)
+            if found != self._slice:
+                raise SourceError(f"{f}: slice is {found.describe()}, the stack is {self._slice.describe()}")
+            with self._lock:
+                self._headers[f] = header
+        return header
+
+    def read(self, level: int, t: int, c: int, region: Region) -> np.ndarray:
+        check_region(self.volume.native_levels[level].shape, region)
+        zs, ys, xs = region
+        channel, sample = divmod(c, self._slice.samples)
+        out = np.empty([s.stop - s.start for s in region], self.volume.dtype)
+        for i, f in enumerate(self._files[channel][zs]):
+            header = self._header(f)
+            try:
+                out[i] = self.format.read(header, f, level, ys, xs, sample, self.volume.version)
+            except SourceError:
+                raise
+            except Exception as exc:
+                raise SourceError(f"{f}: cannot read ({exc})") from exc
+        return out
+
+
+def _reduced(n: int, r: int) -> int:
+    return math.ceil(n / 2**r)
