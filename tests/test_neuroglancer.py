@@ -15,12 +15,7 @@ import neuroglancer
 import numpy as np
 import pytest
 import requests
-from neuroglancer_browser import Browser, Screen, layers
-
-METADATA = {"info", ".zattrs", ".zarray", ".zgroup", "zarr.json"}
-# Keys a zarr:// source probes that the OME-Zarr 0.4 view rightly lacks: v3 metadata, and array
-# metadata at the group root (CONFORMANCE.md section 3).
-PROBES_404 = {"zarr.json", ".zarray"}
+from neuroglancer_browser import Browser, check_exchanges, layers, voxels_under_pixels
 
 
 @pytest.fixture(scope="module")
@@ -28,44 +23,6 @@ def browser():
     b = Browser()
     yield b
     b.close()
-
-
-def _check_exchanges(screen: Screen, root: str) -> list[str]:
-    """Every request answered 200, or 404 for a probe the contract allows; returns the chunk keys."""
-    assert screen.exchanges, "the viewer sent no request to the server"
-    chunks = []
-    for ex in screen.exchanges:
-        key = ex.url.removeprefix(root + "/")
-        name = key.rsplit("/", 1)[-1]
-        if ex.status is None:  # the viewer cancels requests it no longer needs; anything else is a failure
-            assert "ERR_ABORTED" in ex.error, f"{ex.method} {ex.url} failed in the browser: {ex.error}"
-            continue
-        allowed = {200} | ({404} if name in PROBES_404 else set())
-        assert ex.status in allowed, f"{ex.method} {ex.url} answered {ex.status}"
-        if name not in METADATA:
-            chunks.append(key)
-    assert chunks, "the viewer requested no chunk"
-    return chunks
-
-
-def _voxels_under_pixels(screen: Screen, shape_zyx: tuple[int, int, int]) -> tuple[np.ndarray, ...]:
-    """The (z, y, x) level-0 voxel each panel pixel shows, from the viewer's settled position and zoom.
-
-    The viewer opens at a voxel's centre (precomputed voxel i spans [i, i + 1), an OME-Zarr one is
-    centred on i); a pixel shows the voxel under its own centre."""
-    state = screen.state
-    pos = {n: float(p) for n, p in zip(state.dimensions.names, state.position)}
-    height, width = screen.image.shape[:2]
-    step = float(state.cross_section_scale)
-
-    def voxels(axis: str, n: int) -> np.ndarray:
-        offsets = (np.arange(n) + 0.5 - n / 2) * step
-        return (np.floor(pos[axis]) + np.floor(offsets + 0.5)).astype(int)
-
-    xs, ys, z = voxels("x", width), voxels("y", height), int(np.floor(pos["z"]))
-    assert 0 <= z < shape_zyx[0] and 0 <= xs.min() and xs.max() < shape_zyx[2] and 0 <= ys.min() and \
-        ys.max() < shape_zyx[1], f"the view {pos} at zoom {step} is not inside the volume {shape_zyx}"
-    return z, ys[:, None], xs[None, :]
 
 
 IMAGES = [
@@ -80,10 +37,10 @@ def test_image_is_drawn_from_the_source_voxels(server, sources, browser, kind, d
     root = source.format(base=server.base).split("://", 1)[1]
     screen = browser.show(layers(image=neuroglancer.ImageLayer(source=source.format(base=server.base))),
                           watch=server.base, scale=0.15)
-    _check_exchanges(screen, root)
+    check_exchanges(screen, root)
     gray = screen.image[..., 0].astype(np.float64)
     assert gray.std() > 10, "the rendered panel is blank"
-    z, ys, xs = _voxels_under_pixels(screen, src.data.shape[2:])
+    z, ys, xs = voxels_under_pixels(screen, src.data.shape[2:])
     expected = src.data[0, 0, z][ys, xs].astype(np.float64)
     # 0.99: a linear contrast map of the right voxels (a one-voxel shift measures about 0.92)
     assert np.corrcoef(gray.ravel(), expected.ravel())[0, 1] > 0.99
@@ -99,7 +56,7 @@ def test_pasted_zarr_source_takes_its_channels_from_omero(server, sources, brows
     screen = browser.show(neuroglancer.ViewerState({"layers": [pasted]}), watch=server.base, scale=0.12,
                           settled=lambda s: len(s.layers) == len(omero)
                           and all("contrast" in layer.shader_controls for layer in s.layers))
-    _check_exchanges(screen, root)
+    check_exchanges(screen, root)
     assert list(screen.state.dimensions.names)[:3] == ["x", "y", "z"]
     shown = list(screen.state.layers)
     assert [layer.shader_controls["color"] for layer in shown] == [f"#{c['color'].lower()}" for c in omero]
@@ -107,7 +64,7 @@ def test_pasted_zarr_source_takes_its_channels_from_omero(server, sources, brows
         assert list(layer.shader_controls["contrast"].range) == pytest.approx(
             [channel["window"]["start"], channel["window"]["end"]], abs=1)
     # channel 1 is magenta: the only one with red; drawn through its window
-    z, ys, xs = _voxels_under_pixels(screen, src.data.shape[2:])
+    z, ys, xs = voxels_under_pixels(screen, src.data.shape[2:])
     start, end = omero[1]["window"]["start"], omero[1]["window"]["end"]
     expected = np.clip((src.data[0, 1, z][ys, xs] - start) / (end - start), 0, 1)
     red = screen.image[..., 0].astype(np.float64)
@@ -119,9 +76,9 @@ def test_segmentation_is_drawn_one_colour_per_label(server, sources, browser):
     root = f"{server.base}/ds/labels/precomputed"
     screen = browser.show(layers(labels=neuroglancer.SegmentationLayer(source=f"precomputed://{root}")),
                           watch=server.base, scale=0.1)
-    chunks = _check_exchanges(screen, root)
+    chunks = check_exchanges(screen, root)
     assert all(k.startswith(("0/", "1/", "2/")) for k in chunks)
-    z, ys, xs = _voxels_under_pixels(screen, src.data.shape[2:])
+    z, ys, xs = voxels_under_pixels(screen, src.data.shape[2:])
     labels = src.data[0, 0, z][ys, xs]
     colours = screen.image[..., :3].reshape(-1, 3) @ np.array([1, 256, 65536])
     by_label = {}
@@ -141,8 +98,8 @@ def test_open_in_neuroglancer_link_shows_every_channel_in_its_colour(server, sou
     assert [layer.source[0].url for layer in state.layers] == [
         f"precomputed://{server.base}/ds/multi/c/{c}/precomputed" for c in range(3)]
     screen = browser.show(state, watch=server.base, scale=0.06)
-    _check_exchanges(screen, f"{server.base}/ds/multi")
-    z, ys, xs = _voxels_under_pixels(screen, src.data.shape[2:])
+    check_exchanges(screen, f"{server.base}/ds/multi")
+    z, ys, xs = voxels_under_pixels(screen, src.data.shape[2:])
     red = screen.image[..., 0].astype(np.float64)  # only channel 1 (magenta) has red
     assert red.std() > 10 and screen.image[..., 1].std() > 10, "the rendered panel is blank"
     channel1 = src.data[0, 1, z][ys, xs].astype(np.float64)
