@@ -88,6 +88,10 @@ Open it with:
     return 0
 
 
+def _factors(factors) -> str:
+    return "(" + ", ".join(f"{f:.4g}" for f in factors) + ")"
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from .pyramid import DEFAULT_CHUNK, plan_levels
 
@@ -104,14 +108,17 @@ def cmd_info(args: argparse.Namespace) -> int:
     known = "" if v.voxel_size_known else " (not in the file; set voxel_size in the catalog)"
     print(f"voxel size:    {' x '.join(f'{s:g}' for s in v.voxel_size)} um (z, y, x){known}")
     print(f"block shape:   {v.block_shape} (z, y, x)")
-    print(f"channels:      {', '.join(c.name for c in v.channels)}")
+    print(f"channels:      {', '.join(f'{c.name} (#{c.color})' for c in v.channels)}")
+    if v.shape[0] > 1:
+        print(f"time points:   {v.shape[0]}")
     print(f"native levels: {len(v.native_levels)}")
     for i, lvl in enumerate(v.native_levels):
-        print(f"  {i}: shape {lvl.shape}, factors {lvl.factors}")
+        print(f"  {i}: shape {lvl.shape}, factors {_factors(lvl.factors)}")
     levels = plan_levels(reader, DEFAULT_CHUNK)
     print(f"served levels: {len(levels)} (chunk {DEFAULT_CHUNK})")
     for i, lvl in enumerate(levels):
-        print(f"  {i}: shape {lvl.shape}, factors {lvl.factors}, {'native' if lvl.native is not None else 'computed'}")
+        print(f"  {i}: shape {lvl.shape}, factors {_factors(lvl.factors)}, "
+              f"{'native' if lvl.native is not None else 'computed'}")
     return 0
 
 
@@ -120,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
                                      description="Serve microscopy volumes as OME-Zarr, on the fly.")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="serve datasets from a catalog and/or paths")
-    serve.add_argument("paths", nargs="*", metavar="PATH", help="TIFF file, slice directory or glob, or Zarr")
+    serve.add_argument("paths", nargs="*", metavar="PATH",
+                       help="TIFF, JPEG2000 or Imaris file, slice directory or glob, or Zarr")
     serve.add_argument("--config", metavar="CATALOG.toml", help="catalog of datasets")
     _add_server_args(serve)
     demo = sub.add_parser("demo", help="generate (once) and serve a synthetic brain volume")

@@ -233,19 +233,35 @@ def test_tiff_channel_metadata(archive):
     assert scales == {"hyper": pytest.approx([2.5, 0.5, 0.5]), "ometiff": pytest.approx([3.0, 0.4, 0.4])}
 
 
-def test_napari_reads_imaris_with_its_scale_and_colours(archive):
+@pytest.mark.parametrize("ds,voxel,names,top", [
+    ("ims", IMS_VOXEL, ["GFP", "tdTomato"], [[0, 1, 0], [1, 128 / 255, 0]]),
+    ("jp2", (1.0, 1.0, 1.0), ["488nm", "561nm"], [[0, 1, 0], [1, 0, 1]]),
+    ("tiffch", (1.0, 1.0, 1.0), ["ch0", "ch1", "ch2"], [[0, 1, 0], [1, 0, 1], [0, 1, 1]]),
+])
+def test_napari_reads_each_format_with_its_scale_and_colours(archive, ds, voxel, names, top):
     from napari_ome_zarr import napari_get_reader
 
     srv, _, truth = archive
-    url = srv.url("/ds/ims/zarr")
+    want = np.stack([np.stack(ch) for ch in truth[ds][-1]]) if ds == "ims" else None
+    url = srv.url(f"/ds/{ds}/zarr")
     (data, kwargs, kind), = napari_get_reader(url)(url)
-    assert kind == "image" and kwargs["channel_axis"] == 1 and len(data) == 3
-    assert kwargs["scale"][1:] == pytest.approx(IMS_VOXEL)
-    assert kwargs["name"] == ["ims: GFP", "ims: tdTomato"]  # napari-ome-zarr prefixes the image's name
-    top = np.array([cmap.colors[-1][:3] for cmap in kwargs["colormap"]])  # each colormap's brightest colour
-    np.testing.assert_allclose(top, [[0, 1, 0], [1, 128 / 255, 0]], atol=1e-6)
-    assert kwargs["contrast_limits"] == [[100, 30000], [0, 12000]]
-    np.testing.assert_array_equal(np.asarray(data[2][1, 0]), truth["ims"][2][1][0])
+    assert kind == "image" and kwargs["channel_axis"] == 1
+    assert kwargs["scale"][1:] == pytest.approx(voxel)
+    assert kwargs["name"] == [f"{ds}: {n}" for n in names]  # napari-ome-zarr prefixes the image's name
+    brightest = np.array([cmap.colors[-1][:3] for cmap in kwargs["colormap"]])
+    np.testing.assert_allclose(brightest, top, atol=1e-6)
+    if ds == "ims":
+        assert len(data) == 3 and kwargs["contrast_limits"] == [[100, 30000], [0, 12000]]
+        np.testing.assert_array_equal(np.asarray(data[-1]), want)  # the coarsest level, as stored
+    else:
+        np.testing.assert_array_equal(np.asarray(data[0][0, :, 4]), truth[ds][0, :, 4])
+
+
+def test_jpeg2000_voxel_size_from_the_resolution_box(tmp_path):
+    for z in range(2):  # 2e6 pixels per metre down, 4e6 across: 0.5 um x 0.25 um
+        glymur.Jp2k(tmp_path / f"z{z}.jp2", data=np.zeros((64, 64), np.uint8), numres=2,
+                    capture_resolution=(2e6, 4e6))
+    assert open_source(tmp_path).volume.voxel_size == pytest.approx((0.25, 0.5, 0.25))
 
 
 @pytest.mark.parametrize("ds,scale", [("ims", 0.08), ("jp2", 0.15), ("tiffch", 0.06)])

@@ -92,6 +92,10 @@ def _check_numbering(where: Path, files: list[Path]) -> None:
     parts = [re.split(r"(\d+)", f.name) for f in files]
     masked = [tuple("#" if i % 2 else text for i, text in enumerate(p)) for p in parts]
     pattern, _ = Counter(masked).most_common(1)[0]
+    if "#" not in pattern:
+        names = ", ".join(f.name for f in files[:3]) + (", ..." if len(files) > 3 else "")
+        raise SourceError(f"{where}: {len(files)} files ({names}) that are not numbered slices of one stack; "
+                          "open one of them, or pick slices with a glob")
     stray = [f for f, m in zip(files, masked) if m != pattern]
     if stray:
         example = files[masked.index(pattern)].name

@@ -17,6 +17,7 @@ import tifffile
 
 from .base import (
     DECODED,
+    Channel,
     NativeLevel,
     Region,
     SourceError,
@@ -164,6 +165,39 @@ def _voxel_size(tf: tifffile.TiffFile) -> tuple[float, float, float] | None:
     return (z, y, x)
 
 
+RGB_CHANNELS = (Channel("red", "FF0000"), Channel("green", "00FF00"), Channel("blue", "0000FF"))
+
+
+def _channels(tf: tifffile.TiffFile, n: int) -> tuple[Channel, ...]:
+    """Names, colours and display ranges from OME-XML or ImageJ metadata; RGB pages are red, green, blue."""
+    if n == 3 and tf.pages.first.photometric == tifffile.PHOTOMETRIC.RGB:
+        return RGB_CHANNELS
+    channels = list(default_channels(n))
+    if tf.is_ome and tf.ome_metadata:
+        try:
+            root = ET.fromstring(tf.ome_metadata)
+            pixels = next(el for el in root.iter() if el.tag.endswith("Pixels"))
+            elements = [el for el in pixels if el.tag.endswith("Channel")]
+        except (ET.ParseError, StopIteration):
+            elements = []
+        if len(elements) == n:
+            for i, el in enumerate(elements):
+                color = channels[i].color
+                if el.get("Color") not in (None, "-1"):  # signed 32-bit RGBA; -1 (white) is the default
+                    color = f"{(int(el.get('Color')) >> 8) & 0xFFFFFF:06X}"
+                channels[i] = Channel(el.get("Name") or channels[i].name, color)
+    elif tf.is_imagej:
+        ij = tf.imagej_metadata or {}
+        ranges, luts = ij.get("Ranges") or (), ij.get("LUTs") or ()
+        for i in range(n):
+            window = (float(ranges[2 * i]), float(ranges[2 * i + 1])) if len(ranges) >= 2 * n else None
+            color = channels[i].color
+            if len(luts) == n and np.shape(luts[i]) == (3, 256):
+                color = "".join(f"{int(v):02X}" for v in np.asarray(luts[i])[:, 255])
+            channels[i] = Channel(channels[i].name, color, window if window and window[1] > window[0] else None)
+    return tuple(channels)
+
+
 def _open(path: Path) -> tifffile.TiffFile:
     try:
         return tifffile.TiffFile(path)
@@ -207,7 +241,7 @@ class TiffFileReader:
                 native_levels=tuple(levels),
                 block_shape=(1, min(key.chunks[0], y0), min(key.chunks[1], x0)),
                 version=version_token([self.path]),
-                channels=default_channels(n_c),
+                channels=_channels(tf, n_c),
             )
 
     def _file(self) -> tifffile.TiffFile:
