@@ -5,9 +5,11 @@
     at wavelet reduction r, as the reader does. Baseline: the same reader with its reductions
     hidden, so the pyramid decodes full resolution and downsamples (mean) level by level.
 (b) Imaris chunks under the worker pool. An .ims file (h5py, gzip, Imaris-typical 32 x 128 x 128
-    chunks); every 64^3 block of level 0 is read cold by 2 worker threads, as the server does.
-    Reader: raw chunk bytes through HDF5, decompression outside its lock (in parallel).
-    Baseline: plain h5py slicing, where HDF5 decompresses under h5py's global lock (serially).
+    chunks); every 64^3 block of level 0 is read cold by 1 and by 2 worker threads.
+    Reader: raw chunk bytes through HDF5, decompressed outside h5py's global lock, each chunk
+    once (kept in DECODED for the other blocks it serves). Baseline: plain h5py slicing, where
+    HDF5 decompresses under the lock, again for every block a chunk serves once the chunk is
+    larger than HDF5's default 1 MiB chunk cache.
 
 Every timing is the best of --repeat cold runs; native and baseline outputs are checked equal
 where they must be (Imaris) and the native levels' shapes against the baseline's.

@@ -9,7 +9,7 @@ from pathlib import Path
 from .base import Channel, NativeLevel, Reader, Region, SourceError, Volume
 from .imaris import ImarisReader, is_hdf5
 from .jpeg2000 import JPEG2000_SLICES, is_jpeg2000
-from .slices import SliceStackReader, StackLayout, stack_layout
+from .slices import SliceStackReader, StackLayout, is_glob, stack_layout
 from .tiff import TiffFileReader
 from .zarr_source import ZarrReader, is_zarr
 
@@ -56,7 +56,7 @@ def _contents(p: Path) -> str:
 def open_source(path: str | Path) -> Reader:
     """Open any supported source, or raise SourceError saying why the path is not one."""
     p = Path(path).expanduser()
-    if not p.exists() and not (any(ch in str(p) for ch in "*?[") and glob.glob(str(p))):
+    if not p.exists() and not (is_glob(p) and glob.glob(str(p))):
         raise SourceError(f"{p}: no such file or directory")
     for _name, detect, factory in REGISTRY:
         if detect(p):

@@ -72,7 +72,7 @@ def _formats() -> list[SliceFormat]:
     return [TIFF_SLICES, JPEG2000_SLICES]
 
 
-def _is_glob(path: Path) -> bool:
+def is_glob(path: Path) -> bool:
     return any(ch in str(path) for ch in "*?[") and not path.exists()
 
 
@@ -126,7 +126,7 @@ class StackLayout:
 def stack_layout(path: Path) -> StackLayout | None:
     """The stack at `path`: a directory or glob of slices, or a directory of channel directories
     of slices; None if `path` is neither. Raises SourceError for a stack that is broken."""
-    if not (path.is_dir() or _is_glob(path)):
+    if not (path.is_dir() or is_glob(path)):
         return None
     for fmt in _formats():
         files = _files(path, fmt.suffixes)
@@ -141,8 +141,8 @@ def stack_layout(path: Path) -> StackLayout | None:
         channels = [(d.name, _files(d, fmt.suffixes)) for d in subdirs]
         channels = [(name, files) for name, files in channels if files]
         if channels:
-            for d, (_, files) in zip(subdirs, channels):
-                _check_numbering(path / d.name, files)
+            for name, files in channels:
+                _check_numbering(path / name, files)
             counts = {len(files) for _, files in channels}
             if len(counts) > 1:
                 detail = ", ".join(f"{name}: {len(files)}" for name, files in channels)
@@ -163,9 +163,7 @@ class SliceStackReader:
         self._files = [files for _, files in layout.channels]
         first = self._files[0][0]
         header = self.format.open(first)
-        self._slice = self.format.info(header)
-        s = self._slice
-        voxel = s.voxel_size
+        self._slice = s = self.format.info(header)
         n_z = len(self._files[0])
         levels = [NativeLevel((n_z, _reduced(s.height, r), _reduced(s.width, r)), (1.0, 2.0**r, 2.0**r))
                   for r in range(s.reductions + 1)]
@@ -179,8 +177,8 @@ class SliceStackReader:
             path=str(path),
             shape=(1, len(names), n_z, s.height, s.width),
             dtype=s.dtype,
-            voxel_size=voxel or (1.0, 1.0, 1.0),
-            voxel_size_known=voxel is not None,
+            voxel_size=s.voxel_size or (1.0, 1.0, 1.0),
+            voxel_size_known=s.voxel_size is not None,
             native_levels=tuple(levels),
             block_shape=(1, *self.format.block(header)),
             version=version_token([f for files in self._files for f in files]),
@@ -189,10 +187,6 @@ class SliceStackReader:
         self._headers: LRUCache = LRUCache(maxsize=PARSED_SLICES)
         self._headers[first] = header
         self._lock = threading.Lock()
-
-    @property
-    def files(self) -> list[Path]:
-        return [f for files in self._files for f in files]
 
     def _header(self, f: Path):
         with self._lock:

@@ -1,7 +1,7 @@
-"""TIFF sources: one multi-page (Big)TIFF or OME-TIFF file, or a stack of 2-D slices.
+"""TIFF sources: one multi-page (Big)TIFF, OME-TIFF or ImageJ file, and 2-D TIFF slices for slices.py.
 
 Regions are read by decoding only the strips or tiles they overlap, straight from
-the file offsets tifffile parses; a slice stack opens only the slices a region spans.
+the file offsets tifffile parses.
 """
 
 from __future__ import annotations
@@ -69,35 +69,6 @@ def read_page_region(page, fh: BinaryIO, name: str, ys: slice, xs: slice, sample
             segment = (_decoded(*args) if part == win else DECODED.get_or_compute(
                 (name, version, offsets[index]), functools.partial(_decoded, *args)))[0]
         out[within(part, (ys, xs))] = segment[:, :, 0 if separate else sample][within(part, win)]
-    return out
-    seg_h, seg_w = key.chunks[0], key.chunks[1]
-    n_rows, n_cols = key.chunked[0], key.chunked[1]
-    separate = key.planarconfig == 2
-    plane = sample * n_rows * n_cols if separate else 0
-    raw = _raw_dtype(key)
-    offsets, counts = page.dataoffsets, page.databytecounts
-    for row in range(ys.start // seg_h, (ys.stop - 1) // seg_h + 1):
-        for col in range(xs.start // seg_w, (xs.stop - 1) // seg_w + 1):
-            index = plane + row * n_cols + col
-            if counts[index] == 0:
-                continue  # sparse segment: fill value
-            y0, x0 = row * seg_h, col * seg_w
-            if raw is not None:
-                first = max(ys.start - y0, 0)
-                segment = _raw_rows(fh, name, raw, offsets[index], seg_w, 1 if separate else key.samplesperpixel,
-                                    first, min(ys.stop - y0, seg_h))
-                y0 += first
-            else:
-                args = (key, fh, name, offsets[index], counts[index], index)
-                whole = ys.start <= y0 and y0 + seg_h <= ys.stop and xs.start <= x0 and x0 + seg_w <= xs.stop
-                segment = (_decoded(*args) if whole else DECODED.get_or_compute(
-                    (name, version, offsets[index]), functools.partial(_decoded, *args)))[0]
-            segment = segment[:, :, 0 if separate else sample]
-            y_a, y_b = max(ys.start, y0), min(ys.stop, y0 + segment.shape[0])
-            x_a, x_b = max(xs.start, x0), min(xs.stop, x0 + segment.shape[1])
-            out[y_a - ys.start:y_b - ys.start, x_a - xs.start:x_b - xs.start] = segment[
-                y_a - y0:y_b - y0, x_a - x0:x_b - x0
-            ]
     return out
 
 
