@@ -63,6 +63,7 @@ class ImarisReader:
     def __init__(self, path: Path):
         self.path = Path(path)
         self._local = threading.local()
+        self._pipelines: dict[str, list[int] | None] = {}  # per Data path, read once at open
         try:
             f = h5py.File(self.path, "r")
         except Exception as exc:
@@ -96,6 +97,7 @@ class ImarisReader:
                     if f"{name}/Data" not in f:
                         raise self._fail(f"{name}/Data is missing")
                     group, data = f[name], f[f"{name}/Data"]
+                    self._pipelines[f"{name}/Data"] = _pipeline(data)
                     try:
                         size = tuple(int(float(text(group.attrs[f"ImageSize{a}"]))) for a in "ZYX")
                     except (KeyError, ValueError) as exc:
@@ -168,7 +170,7 @@ class ImarisReader:
 
     def _file(self) -> h5py.File:
         """One handle per worker thread. h5py serializes HDF5 calls under one lock, so only raw chunk
-        bytes are read through it; chunks are decompressed outside it, in parallel (see _decode)."""
+        bytes are read through it; chunks are decompressed outside it (see _decode)."""
         f = getattr(self._local, "file", None)
         if f is None:
             try:
@@ -182,7 +184,7 @@ class ImarisReader:
         name = f"DataSet/ResolutionLevel {level}/TimePoint {t}/Channel {c}/Data"
         try:
             data = self._file()[name]
-            pipeline = _pipeline(data)
+            pipeline = self._pipelines[name]
             if pipeline is None:  # a filter we do not decode ourselves: let HDF5 do all of it
                 return data[region]
             out = np.empty([s.stop - s.start for s in region], self.volume.dtype)
@@ -213,12 +215,11 @@ def _pipeline(data: h5py.Dataset) -> list[int] | None:
 
 
 def _decode(data: h5py.Dataset, origin: tuple[int, ...], pipeline: list[int]) -> np.ndarray:
-    """One whole chunk: its raw bytes read through HDF5, then decompressed here, where the
-    GIL is released (zlib, LZ4) and other workers can run."""
-    try:
-        mask, raw = data.id.read_direct_chunk(origin)
-    except RuntimeError:  # never written: the fill value
+    """One whole chunk: its raw bytes read through HDF5, then decompressed here, outside
+    h5py's lock and once, however many served chunks it feeds."""
+    if data.id.get_chunk_info_by_coord(origin).byte_offset is None:  # never written: the fill value
         return np.full(data.chunks, data.fillvalue, data.dtype)
+    mask, raw = data.id.read_direct_chunk(origin)
     for i in reversed(range(len(pipeline))):
         if mask & (1 << i):
             continue  # the writer skipped this filter for this chunk

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import copy
 import functools
-import math
 from pathlib import Path
 
 import glymur
 import numpy as np
 
 from .base import DECODED, SourceError, grid_cells, within
-from .slices import SliceInfo
+from .slices import SliceInfo, reduced
 
 SUFFIXES = (".jp2", ".j2k", ".j2c", ".jpc", ".jpx", ".jpf")
 MAGIC = (b"\x00\x00\x00\x0cjP  \r\n\x87\n", b"\xff\x4f\xff\x51")  # JP2 signature box, raw codestream SOC+SIZ
@@ -58,7 +57,7 @@ class Jpeg2000Slices:
 
     def read(self, jp2: glymur.Jp2k, path: Path, level: int, ys: slice, xs: slice, sample: int,
              version: str) -> np.ndarray:
-        height, width = (math.ceil(n / 2**level) for n in jp2.shape[:2])
+        height, width = (reduced(n, level) for n in jp2.shape[:2])
         out = np.empty((ys.stop - ys.start, xs.stop - xs.start), _dtype(jp2))
         for win, part in grid_cells((ys, xs), (WINDOW, WINDOW), (height, width)):
             decode = functools.partial(_decode, jp2, level, win)

@@ -165,7 +165,7 @@ class SliceStackReader:
         header = self.format.open(first)
         self._slice = s = self.format.info(header)
         n_z = len(self._files[0])
-        levels = [NativeLevel((n_z, _reduced(s.height, r), _reduced(s.width, r)), (1.0, 2.0**r, 2.0**r))
+        levels = [NativeLevel((n_z, reduced(s.height, r), reduced(s.width, r)), (1.0, 2.0**r, 2.0**r))
                   for r in range(s.reductions + 1)]
         if len(layout.channels) > 1:
             names = [f"{name}:{i}" if s.samples > 1 else name for name, _ in layout.channels for i in range(s.samples)]
@@ -216,5 +216,6 @@ class SliceStackReader:
         return out
 
 
-def _reduced(n: int, r: int) -> int:
+def reduced(n: int, r: int) -> int:
+    """Size of an axis of n voxels at 2x reduction r, as JPEG2000 (OpenJPEG) makes it."""
     return math.ceil(n / 2**r)
