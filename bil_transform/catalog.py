@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import threading
+import time
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +14,7 @@ from .cache import ChunkCache
 from .pyramid import DEFAULT_CHUNK, Pyramid
 from .pyramid.downsample import METHODS
 from .readers import SourceError, open_source
+from .readers.base import version_token
 from .writers import default_encoding, precomputed_encodings, served_dtype
 from .writers.codecs import COMPRESSORS
 from .writers.precomputed import ENCODINGS
@@ -115,12 +118,23 @@ def _unique(specs: list[DatasetSpec], where: str) -> list[DatasetSpec]:
 
 class Dataset:
     """A catalog entry and, if its source opened, the pyramid over it. A source that fails to
-    open is kept with its error so the server can say why, and every other dataset still works."""
+    open is kept with its error so the server can say why, and every other dataset still works.
 
-    def __init__(self, spec: DatasetSpec, cache: ChunkCache):
-        self.spec = spec
+    The source's version (its files' names, sizes and mtimes) is in every cache key and ETag;
+    `refresh` reopens the source when that version changes, so a changed file is never served stale.
+    """
+
+    def __init__(self, spec: DatasetSpec, cache: ChunkCache, recheck: float = 2.0):
+        self.spec, self.cache = spec, cache
+        self.recheck = recheck  # seconds between checks of the source files
+        self._lock = threading.Lock()
+        self._open()
+
+    def _open(self) -> None:
+        spec = self.spec
         self.pyramid: Pyramid | None = None
         self.error: str | None = None
+        self._checked = time.monotonic()
         try:
             reader = open_source(spec.path)
             overrides = {"kind": spec.kind}
@@ -128,13 +142,31 @@ class Dataset:
                 overrides.update(voxel_size=spec.voxel_size, voxel_size_known=True)
             reader.volume = dataclasses.replace(reader.volume, **overrides)
             method = spec.downsample or ("mode" if spec.kind == "labels" else "mean")
-            self.pyramid = Pyramid(reader, cache, spec.id, method=method, chunk=spec.chunk)
-            encodings = precomputed_encodings(self.pyramid)
+            pyramid = Pyramid(reader, self.cache, spec.id, method=method, chunk=spec.chunk)
+            encodings = precomputed_encodings(pyramid)
             if spec.encoding and spec.encoding not in encodings:
                 raise ValueError(f"the precomputed encoding {spec.encoding!r} cannot hold this {reader.volume.dtype} "
                                  f"data with {reader.volume.shape[1]} channel(s); use one of {', '.join(encodings)}")
+            self.pyramid = pyramid
         except (SourceError, ValueError, OSError) as exc:
             self.error = str(exc)
+
+    def check_due(self) -> bool:
+        return time.monotonic() - self._checked >= self.recheck
+
+    def refresh(self) -> None:
+        """Reopen the source if any of its files changed (or it failed to open before)."""
+        with self._lock:
+            if not self.check_due():
+                return
+            self._checked = time.monotonic()
+            if self.pyramid is not None:
+                try:
+                    if version_token(self.pyramid.volume.files) == self.pyramid.volume.version:
+                        return
+                except OSError:
+                    pass  # a file is gone: reopening says which
+            self._open()
 
     def matches(self, query: str) -> bool:
         """Every word of the query appears in the id, the path or a metadata value (any case)."""

@@ -33,6 +33,8 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-size", type=parse_size, default=parse_size("1GiB"), help="memory for cached chunks")
     p.add_argument("--neuroglancer", default=DEFAULT_VIEWER, metavar="URL",
                    help=f"Neuroglancer used by 'open in Neuroglancer' links (default {DEFAULT_VIEWER})")
+    p.add_argument("--recheck", type=float, default=2.0, metavar="SECONDS",
+                   help="how often a requested dataset's files are checked for changes (default 2)")
     p.add_argument("--workers", type=int, default=None,
                    help="worker threads (default: one per core; more for high-latency storage)")
 
@@ -41,14 +43,14 @@ def run_server(specs: list[DatasetSpec], args: argparse.Namespace) -> None:
     from .server import create_app
 
     cache = ChunkCache(args.cache_size)
-    datasets = {s.id: Dataset(s, cache) for s in specs}
+    datasets = {s.id: Dataset(s, cache, recheck=args.recheck) for s in specs}
     base = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
     for ds in datasets.values():
         if ds.error:
             print(f"  {ds.spec.id}: UNAVAILABLE: {ds.error}", file=sys.stderr)
         else:
             root = f"{base}/ds/{ds.spec.id}"
-            print(f"  {ds.spec.id}: {root}/zarr  precomputed://{root}/precomputed")
+            print(f"  {ds.spec.id}: {root}/zarr  {root}/zarr3  precomputed://{root}/precomputed")
     print(f"bil-transform serving {len(datasets)} dataset(s) at {base}/ (Ctrl-C to stop)", flush=True)
     app = create_app(datasets, cache, args.workers, args.neuroglancer)
     web.run_app(app, host=args.host, port=args.port, print=None, access_log=None)

@@ -22,7 +22,9 @@ def links(ds: Dataset, base: str, viewer: str = DEFAULT_VIEWER) -> dict:
     out = {"self": f"{base}/api/datasets/{ds.spec.id}"}
     if ds.pyramid is None:
         return out
-    out.update(zarr=f"{root}/zarr", precomputed=f"{root}/precomputed", thumbnail=f"{root}/thumbnail.png")
+    out.update({view: f"{root}/{view}" for view in ("zarr", "zarr3", "zarr3-sharded", "precomputed",
+                                                    "precomputed-sharded")})
+    out["thumbnail"] = f"{root}/thumbnail.png"
     encodings = ds.summary()["precomputed"]["encodings"]
     out.update({f"precomputed-{e}": f"{root}/precomputed-{e}" for e in encodings})
     t, c = ds.pyramid.volume.shape[:2]
@@ -79,7 +81,8 @@ def index_html(datasets: list[Dataset], base: str, viewer: str = DEFAULT_VIEWER)
             f"<td>{shape} voxels (x &times; y &times; z){'<br>' + extra if extra else ''}<br>{e(dtype)}, "
             f"{vol.kind}<br>{voxel} &micro;m, {len(ds.pyramid.levels)} levels</td>"
             f"<td><a href='{e(link['neuroglancer'])}'>open in Neuroglancer</a><br>"
-            f"OME-Zarr: <code>{e(link['zarr'])}</code><br>"
+            f"OME-Zarr 0.4: <code>{e(link['zarr'])}</code><br>"
+            f"OME-Zarr 0.5: <code>{e(link['zarr3'])}</code> (sharded: <code>{e(link['zarr3-sharded'])}</code>)<br>"
             f"precomputed: <code>precomputed://{e(link['precomputed'])}</code> "
             f"({served['encoding']})</td></tr>"
         )

@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -18,7 +19,8 @@ from . import pages
 from .cache import ChunkCache
 from .catalog import Dataset
 from .readers import SourceError
-from .writers import Resource, make_view
+from .writers import Resource, Shard, make_view
+from .writers.resource import BINARY
 from .writers.thumbnail import thumbnail
 
 log = logging.getLogger("bil_transform")
@@ -30,14 +32,16 @@ CORS = {
 PREFLIGHT = {
     **CORS,
     "Access-Control-Allow-Methods": "GET, HEAD, OPTIONS",
-    "Access-Control-Allow-Headers": "range, if-none-match, content-type",
+    "Access-Control-Allow-Headers": "range, if-none-match, if-range, content-type",
     "Access-Control-Max-Age": "86400",
 }
 DATASETS = web.AppKey("datasets", dict)
 CACHE = web.AppKey("cache", ChunkCache)
 POOL = web.AppKey("pool", ThreadPoolExecutor)
 STATE = web.AppKey("state", dict)
-VIEW = r"{view:zarr|precomputed(?:-[a-z_]+)?}"
+VIEW = r"{view:(?:zarr3?|precomputed)(?:-[a-z0-9_-]+)?}"
+RANGE = re.compile(r"bytes=(?P<first>\d*)-(?P<last>\d*)")
+CACHE_CONTROL = "public, max-age=3600"  # derived bytes change only with the source, and then so do their ETags
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -58,7 +62,7 @@ async def errors_and_cors(request: web.Request, handler: Callable) -> web.Stream
             raise
         reason = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else exc.reason
         response = _error(exc.status, reason)
-        response.headers.update({k: v for k, v in exc.headers.items() if k == "Retry-After"})
+        response.headers.update({k: v for k, v in exc.headers.items() if k in ("Retry-After", "Content-Range")})
         return response
     except SourceError as exc:
         log.warning("source error on %s: %s", request.path, exc)
@@ -100,6 +104,14 @@ def _dataset(request: web.Request, *, usable: bool = True) -> Dataset:
     return ds
 
 
+async def _current(request: web.Request) -> Dataset:
+    """The dataset, reopened first if its files changed since they were last checked."""
+    ds = _dataset(request, usable=False)
+    if ds.check_due():
+        await _in_pool(request, ds.refresh)
+    return _dataset(request)
+
+
 def _base_url(request: web.Request) -> str:
     return f"{request.scheme}://{request.host}"
 
@@ -108,31 +120,130 @@ def _json(doc: Any) -> web.Response:
     return web.Response(body=json.dumps(doc, indent=1).encode(), content_type="application/json")
 
 
-async def _serve(request: web.Request, res: Resource) -> web.Response:
-    """Bytes with a strong ETag; gzip-encoded (and cached so) when the resource and client allow it.
-    HEAD always describes the identity body, as Neuroglancer and fsspec expect."""
-    body = await _cached(request, res.key, res.produce)
+class _Range:
+    """The byte range a request asks for: None for the whole body, else [start, stop)."""
+
+    def __init__(self, request: web.Request, tag: str):
+        self.spec = request.headers.get("Range")
+        if_range = request.headers.get("If-Range")
+        if self.spec is not None and if_range is not None and if_range != tag:
+            self.spec = None  # the client's copy is stale: send it all
+        if self.spec is not None and "," in self.spec:
+            self.spec = None  # several ranges: allowed to answer with the whole body
+        m = RANGE.fullmatch(self.spec.strip()) if self.spec is not None else None
+        if self.spec is not None and (m is None or (m["first"] and m["last"] and int(m["first"]) > int(m["last"]))
+                                      or (not m["first"] and not m["last"])):
+            raise web.HTTPBadRequest(text=f"Range {self.spec!r} must be bytes=FIRST-LAST, bytes=FIRST- or "
+                                          "bytes=-SUFFIX_LENGTH, with FIRST <= LAST")
+        self.match = m
+
+    def resolve(self, total: int) -> tuple[int, int] | None:
+        if self.match is None:
+            return None
+        first, last = self.match["first"], self.match["last"]
+        if not first:
+            start, stop = max(0, total - int(last)), total
+            if int(last) == 0:
+                start = stop = total
+        else:
+            start, stop = int(first), total if not last else min(total, int(last) + 1)
+        if start >= total:
+            raise web.HTTPRequestRangeNotSatisfiable(
+                text=f"The range {self.spec!r} starts past the end of the {total}-byte body",
+                headers={"Content-Range": f"bytes */{total}", **CORS})
+        return start, stop
+
+
+def _if_none_match(request: web.Request, tag: str) -> bool:
+    header = request.headers.get("If-None-Match")
+    if header is None:
+        return False
+    return header.strip() == "*" or tag in (t.strip().removeprefix("W/") for t in header.split(","))
+
+
+async def _shard_lengths(request: web.Request, shard: Shard) -> list[int]:
+    """Every chunk's encoded length; only chunks whose length is not known in advance are encoded."""
+    unknown = [c for c in shard.chunks if c is not None and c.length is None]
+    bodies = await asyncio.gather(*(_cached(request, c.key, c.produce) for c in unknown))
+    found = {c.key: len(b) for c, b in zip(unknown, bodies)}
+    return [0 if c is None else c.length if c.length is not None else found[c.key] for c in shard.chunks]
+
+
+async def _shard_bytes(request: web.Request, shard: Shard, lengths: list[int], start: int, stop: int) -> bytes:
+    """Bytes [start, stop) of the shard, encoding only the chunks they overlap."""
+
+    async def part(offset: int, length: int, i: int | None) -> bytes:
+        if i is None:
+            data = shard.index(lengths)
+        else:
+            chunk = shard.chunks[i]
+            data = await _cached(request, chunk.key, chunk.produce)
+            if len(data) != length:
+                raise RuntimeError(f"chunk {chunk.key} is {len(data)} bytes, not the {length} its index says")
+        return data[max(0, start - offset):stop - offset]
+
+    wanted = [s for s in shard.segments(lengths) if s[0] < stop and s[0] + s[1] > start]
+    return b"".join(await asyncio.gather(*(part(*s) for s in wanted)))
+
+
+async def _serve(request: web.Request, res: Resource | Shard) -> web.Response:
+    """Bytes with a strong ETag, 304, byte ranges (206/416) and HEAD, computing no more than the
+    answer needs. A whole-body GET of a compressible resource is gzip-encoded (and cached so) when
+    the client accepts it; ranges and HEAD always describe the identity body."""
     tag = hashlib.blake2b(repr(res.key).encode(), digest_size=12).hexdigest()
-    headers = {"Cache-Control": "public, max-age=3600"}
-    if res.compressible:
+    headers = {"Cache-Control": CACHE_CONTROL, "Accept-Ranges": "bytes"}
+    content_type = BINARY if isinstance(res, Shard) else res.content_type
+    compressible = isinstance(res, Resource) and res.compressible
+    wants_range = _Range(request, f'"{tag}"')
+    gzipped = (compressible and wants_range.match is None and request.method == "GET"
+               and "gzip" in request.headers.get("Accept-Encoding", ""))
+    if compressible:
         headers["Vary"] = "Accept-Encoding"
-        if request.method == "GET" and "gzip" in request.headers.get("Accept-Encoding", ""):
-            body = await _cached(request, ("gzip", res.key), lambda: gzip.compress(body, compresslevel=5, mtime=0))
-            headers["Content-Encoding"] = "gzip"
-            tag += "-gzip"
-    headers["ETag"] = f'"{tag}"'
-    if headers["ETag"] in request.headers.get("If-None-Match", ""):
+    headers["ETag"] = f'"{tag}-gzip"' if gzipped else f'"{tag}"'
+    if _if_none_match(request, headers["ETag"]):
         return web.Response(status=304, headers=headers)
-    return web.Response(body=body, content_type=res.content_type, headers=headers)
+
+    if isinstance(res, Shard):
+        lengths = await _shard_lengths(request, res)
+        total = res.index_length + sum(lengths)
+
+        async def read(start: int, stop: int) -> bytes:
+            return await _shard_bytes(request, res, lengths, start, stop)
+    else:
+        body = None
+        if res.length is None or request.method != "HEAD" or wants_range.match is not None:
+            body = await _cached(request, res.key, res.produce)
+        total = len(body) if body is not None else res.length
+
+        async def read(start: int, stop: int) -> bytes:
+            return body if (start, stop) == (0, len(body)) else body[start:stop]
+
+    span = wants_range.resolve(total)
+    status, (start, stop) = (200, (0, total)) if span is None else (206, span)
+    if span is not None:
+        headers["Content-Range"] = f"bytes {start}-{stop - 1}/{total}"
+    if request.method == "HEAD":
+        return web.Response(status=status, headers={**headers, "Content-Length": str(stop - start)},
+                            content_type=content_type)
+    data = await read(start, stop)
+    if gzipped:
+        data = await _cached(request, ("gzip", res.key), lambda: gzip.compress(data, compresslevel=5, mtime=0))
+        headers["Content-Encoding"] = "gzip"
+    return web.Response(status=status, body=data, content_type=content_type, headers=headers)
 
 
 async def dataset_view(request: web.Request) -> web.Response:
     """/ds/{id}[/t/{t}][/c/{c}]/{view}/{key}: every format view of every dataset."""
-    ds = _dataset(request)
+    ds = await _current(request)
     name, key = request.match_info["view"], request.match_info["key"]
     t, c = (int(request.match_info[k]) if k in request.match_info else None for k in ("t", "c"))
     try:
         view = make_view(ds.pyramid, name, compression=ds.spec.compression, encoding=ds.spec.encoding, t=t, channel=c)
+    except KeyError as exc:
+        raise web.HTTPNotFound(text=exc.args[0]) from None
+    except ValueError as exc:
+        raise web.HTTPBadRequest(text=str(exc)) from None
+    try:
         res = view.resource(key)
     except KeyError:
         raise web.HTTPNotFound(text=f"No key {key!r} in the {name} view of {ds.spec.id!r}") from None
@@ -142,7 +253,7 @@ async def dataset_view(request: web.Request) -> web.Response:
 
 
 async def dataset_thumbnail(request: web.Request) -> web.Response:
-    return await _serve(request, thumbnail(_dataset(request).pyramid))
+    return await _serve(request, thumbnail((await _current(request)).pyramid))
 
 
 async def list_datasets(request: web.Request) -> web.Response:

@@ -134,6 +134,15 @@ def write_sources(root: Path) -> tuple[dict[str, Source], str]:
     sources["labels64"] = Source("labels64", m[None, None], (1.0, 1.0, 1.0), method="mode")
     entries.append('id = "labels64"\npath = "labels64.zarr"\nkind = "labels"')
 
+    # 11. Many small chunks, two uint16 channels: zarr v3 shards of 4x4x4 chunks with edge shards
+    #     holding unstored chunks, and precomputed shards with several minishards (chunk from the catalog).
+    n = _blobs(rng, (1, 2, 23, 150, 170), 50000).astype(np.uint16)
+    arr = zarr.create_array(root / "grid.zarr", shape=n.shape, chunks=(1, 1, 23, 64, 64), dtype="uint16",
+                            zarr_format=2)
+    arr[:] = n
+    sources["grid"] = Source("grid", n, (2.0, 0.5, 0.5))
+    entries.append('id = "grid"\npath = "grid.zarr"\nvoxel_size = [2.0, 0.5, 0.5]\nchunk = [8, 16, 16]')
+
     catalog = "\n\n".join(f"[[datasets]]\n{e}" for e in entries) + "\n"
     return sources, catalog
 

@@ -7,7 +7,7 @@ import requests
 
 MISSING = [
     "/ds/slices16/zarr/zarr.json",  # zarr v3 probe
-    "/ds/slices16/zarr/.zmetadata",
+    "/ds/slices16/zarr3/.zattrs",
     "/ds/slices16/zarr/labels/.zattrs",  # ome-zarr-py's labels probe
     "/ds/slices16/zarr/labels/.zgroup",
     "/ds/slices16/zarr/labels/zarr.json",

@@ -53,12 +53,13 @@ class Volume:
     voxel_size: tuple[float, float, float]  # z, y, x micrometers at level 0
     native_levels: tuple[NativeLevel, ...]
     block_shape: tuple[int, int, int]  # natural read unit of the source, z, y, x
-    version: str
+    version: str  # version_token(files)
     channels: tuple[Channel, ...] = ()
     origin: tuple[float, float, float] = (0.0, 0.0, 0.0)  # centre of voxel 0 at level 0, z, y, x micrometers
     voxel_size_known: bool = True
     kind: str = "image"
     notes: tuple[str, ...] = field(default=())
+    files: tuple[str, ...] = ()  # the files whose names, sizes and mtimes make the version
 
     @property
     def spatial_shape(self) -> tuple[int, int, int]:
@@ -81,7 +82,7 @@ def natural_key(name: str) -> list:
     return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
 
 
-def version_token(paths: Sequence[Path]) -> str:
+def version_token(paths: Sequence[Path | str]) -> str:
     """A short token that changes when any of the files changes (name, size or mtime)."""
     h = hashlib.blake2b(digest_size=8)
     for p in paths:

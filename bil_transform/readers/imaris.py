@@ -127,6 +127,7 @@ class ImarisReader:
             ),
             block_shape=block,
             version=version_token([self.path]),
+            files=(str(self.path),),
             channels=self._channels(f, len(channels)),
         )
 

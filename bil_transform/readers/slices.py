@@ -182,6 +182,7 @@ class SliceStackReader:
             native_levels=tuple(levels),
             block_shape=(1, *self.format.block(header)),
             version=version_token([f for files in self._files for f in files]),
+            files=tuple(str(f) for files in self._files for f in files),
             channels=tuple(Channel(n, c.color) for n, c in zip(names, colors)),
         )
         self._headers: LRUCache = LRUCache(maxsize=PARSED_SLICES)

@@ -212,6 +212,7 @@ class TiffFileReader:
                 native_levels=tuple(levels),
                 block_shape=(1, min(key.chunks[0], y0), min(key.chunks[1], x0)),
                 version=version_token([self.path]),
+                files=(str(self.path),),
                 channels=_channels(tf, n_c),
             )
 

@@ -80,6 +80,7 @@ class ZarrReader:
             native_levels=tuple(levels),
             block_shape=(chunks.get("z", 1), chunks["y"], chunks["x"]),
             version=version_token(sorted(set(meta))),
+            files=tuple(str(p) for p in sorted(set(meta))),
             channels=channels,
         )
 

@@ -1,23 +1,43 @@
-"""The views a dataset is served as, by URL name."""
+"""The views a dataset is served as, by URL name: a format, optionally followed by `-` and the
+compressor (zarr views: `zarr3-zstd`) or the encoding (precomputed views: `precomputed-sharded-jpeg`)."""
 
 from __future__ import annotations
 
 from ..pyramid import Pyramid
-from .omezarr import OmeZarrV2, Resource
+from .codecs import COMPRESSORS
+from .omezarr import OmeZarrV2, OmeZarrV3
 from .precomputed import ENCODINGS, Precomputed, default_encoding, served_dtype, supported
+from .resource import Resource
+from .sharding import Shard
 
-VIEW_NAMES = ("zarr", "precomputed", *(f"precomputed-{e}" for e in ENCODINGS))
+ZARR_FORMATS = ("zarr", "zarr3", "zarr3-sharded")
+PRECOMPUTED_FORMATS = ("precomputed", "precomputed-sharded")
+
+
+def parse_view(name: str) -> tuple[str, str | None]:
+    """(format, option) of a view name. KeyError, with a sentence, if there is no such view."""
+    for fmt in sorted((*ZARR_FORMATS, *PRECOMPUTED_FORMATS), key=len, reverse=True):
+        if name == fmt or name.startswith(fmt + "-"):
+            option = name[len(fmt) + 1:] or None
+            choices = COMPRESSORS if fmt in ZARR_FORMATS else ENCODINGS
+            if option is not None and option not in choices:
+                raise KeyError(f"No view {name!r}: after {fmt}- comes one of {', '.join(choices)}")
+            return fmt, option
+    raise KeyError(f"No view {name!r}; the views are {', '.join((*ZARR_FORMATS, *PRECOMPUTED_FORMATS))}")
 
 
 def make_view(pyramid: Pyramid, name: str, *, compression: str, encoding: str | None,
-              t: int | None = None, channel: int | None = None) -> OmeZarrV2 | Precomputed:
-    """The view called `name`. KeyError if there is no such view, ValueError if it cannot hold this data."""
-    if name == "zarr" and t is None and channel is None:
-        return OmeZarrV2(pyramid, pyramid.key[0], compression)
-    if name.startswith("precomputed") and name in VIEW_NAMES:
-        chosen = name.removeprefix("precomputed-") if name != "precomputed" else encoding
-        return Precomputed(pyramid, chosen, t or 0, channel)
-    raise KeyError(name)
+              t: int | None = None, channel: int | None = None) -> OmeZarrV2 | OmeZarrV3 | Precomputed:
+    """The view called `name`, with the dataset's compression and encoding unless the name picks
+    one. KeyError if there is no such view, ValueError if it cannot hold this data."""
+    fmt, option = parse_view(name)
+    if fmt in ZARR_FORMATS:
+        if t is not None or channel is not None:
+            raise KeyError(f"No view {name!r} of one time point or channel: zarr views hold them all")
+        if fmt == "zarr":
+            return OmeZarrV2(pyramid, pyramid.key[0], option or compression)
+        return OmeZarrV3(pyramid, pyramid.key[0], option or compression, sharded=fmt == "zarr3-sharded")
+    return Precomputed(pyramid, option or encoding, t or 0, channel, sharded=fmt == "precomputed-sharded")
 
 
 def precomputed_encodings(pyramid: Pyramid) -> list[str]:
@@ -27,4 +47,5 @@ def precomputed_encodings(pyramid: Pyramid) -> list[str]:
     return [e for e in ENCODINGS if supported(e, dtype, vol.shape[1])]
 
 
-__all__ = ["Resource", "VIEW_NAMES", "make_view", "precomputed_encodings", "default_encoding", "served_dtype"]
+__all__ = ["Resource", "Shard", "make_view", "parse_view", "precomputed_encodings", "default_encoding",
+           "served_dtype"]

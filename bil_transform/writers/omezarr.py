@@ -1,19 +1,19 @@
-"""OME-Zarr 0.4 on zarr v2: metadata documents and padded, compressed chunks.
+"""OME-Zarr: NGFF 0.4 on zarr v2 and NGFF 0.5 on zarr v3 (optionally sharded), padded compressed chunks.
 
-`OmeZarrV2.resource(key)` maps a store key to what produces its bytes; the server
-caches and serves whatever it returns and turns KeyError into 404, ValueError into 400.
+`resource(key)` maps a store key to what produces its bytes; the server caches and serves
+whatever it returns and turns KeyError into 404, ValueError into 400. Both versions encode a
+chunk to the same bytes (C order, little endian, then the compressor), so they share one
+cache entry, and a v3 shard is assembled from exactly those entries.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Hashable
-from dataclasses import dataclass
-
 import numpy as np
 
 from ..pyramid import Pyramid
-from .codecs import compressor
+from .codecs import Compressor
+from .resource import BINARY, JSON, Resource, to_json
+from .sharding import Shard, zarr_index, zarr_index_length
 
 AXES = [
     {"name": "t", "type": "time"},
@@ -22,25 +22,14 @@ AXES = [
     {"name": "y", "type": "space", "unit": "micrometer"},
     {"name": "x", "type": "space", "unit": "micrometer"},
 ]
-JSON = "application/json"
-BINARY = "application/octet-stream"
-
-
-@dataclass(frozen=True)
-class Resource:
-    key: Hashable  # cache key: identifies the bytes exactly (source version included)
-    produce: Callable[[], bytes]
-    content_type: str
-    compressible: bool = False  # worth Content-Encoding: gzip when the client accepts it
-
-
-def to_json(doc: dict) -> bytes:
-    return json.dumps(doc, indent=1).encode()
+DIMENSIONS = [a["name"] for a in AXES]
+SHARD_CHUNKS = 4  # inner chunks per shard along z, y and x, where the level is that large
 
 
 def multiscale(pyramid: Pyramid, name: str) -> dict:
-    """One NGFF multiscale; each level's scale and translation put its voxel centres where
-    the box-downsampled voxels' centres are, so levels overlay exactly."""
+    """One NGFF multiscale (without its version, which 0.4 and 0.5 place differently); each
+    level's scale and translation put its voxel centres where the box-downsampled voxels'
+    centres are, so levels overlay exactly."""
     vol = pyramid.volume
     datasets = []
     for i, lvl in enumerate(pyramid.levels):
@@ -53,7 +42,7 @@ def multiscale(pyramid: Pyramid, name: str) -> dict:
                 {"type": "translation", "translation": [0.0, 0.0, *shift]},
             ],
         })
-    return {"version": "0.4", "name": name, "axes": AXES, "datasets": datasets,
+    return {"name": name, "axes": AXES, "datasets": datasets,
             "type": pyramid.method, "metadata": {"method": f"bil_transform.pyramid.downsample.{pyramid.method}"}}
 
 
@@ -73,67 +62,180 @@ def omero(pyramid: Pyramid, name: str) -> dict:
             "window": {"min": min(lo, start) if lo is not None else start,
                        "max": max(hi, end) if hi is not None else end, "start": start, "end": end},
         })
-    return {"name": name, "version": "0.4", "channels": channels,
+    return {"name": name, "channels": channels,
             "rdefs": {"defaultT": 0, "defaultZ": pyramid.levels[0].shape[0] // 2,
                       "model": "color" if len(channels) > 1 else "greyscale"}}
 
 
-class OmeZarrV2:
-    """The `/zarr/` view of one dataset."""
+class _ZarrView:
+    """What both zarr versions share: levels, the chunk grid and chunk bytes."""
+
+    version: str
 
     def __init__(self, pyramid: Pyramid, name: str, compression: str = "blosc"):
         self.pyramid, self.name = pyramid, name
-        self.codec = compressor(compression)
-        self.compression = compression
+        self.compressor = Compressor(compression)
+        self.dtype = np.dtype(pyramid.volume.dtype)
+
+    def shape(self, level: int) -> list[int]:
+        return [*self.pyramid.volume.shape[:2], *self.pyramid.levels[level].shape]
+
+    def chunk_shape(self, level: int) -> list[int]:
+        return [1, 1, *self.pyramid.levels[level].chunks]
+
+    def _level(self, key: str) -> tuple[int, str]:
+        level_name, _, rest = key.partition("/")
+        if not level_name.isdigit() or int(level_name) >= len(self.pyramid.levels) or not rest:
+            raise KeyError(key)
+        return int(level_name), rest
+
+    def _grid_index(self, key: str, parts: list[str], grid: list[int], example: str) -> tuple[int, ...]:
+        if len(parts) != 5:
+            raise KeyError(key)
+        if not all(p.isdigit() for p in parts):
+            raise ValueError(f"chunk key {key!r} must be five non-negative integers after the level, like {example}")
+        index = tuple(map(int, parts))
+        if not all(i < g for i, g in zip(index, grid)):
+            raise KeyError(key)
+        return index
+
+    def chunk(self, level: int, t: int, c: int, index: tuple[int, int, int]) -> Resource:
+        """The block padded to the full chunk shape (zarr requires equal-size chunks)."""
+        lvl = self.pyramid.levels[level]
+
+        def produce() -> bytes:
+            block = self.pyramid.block(level, t, c, index)
+            if block.shape != lvl.chunks:
+                padded = np.zeros(lvl.chunks, block.dtype)
+                padded[tuple(slice(0, n) for n in block.shape)] = block
+                block = padded
+            return self.compressor.encode(block)
+
+        length = None if self.compressor.codec else int(np.prod(lvl.chunks)) * self.dtype.itemsize
+        return Resource(("zarr-chunk", *self.pyramid.key, self.compressor.name, level, t, c, index), produce,
+                        BINARY, length=length)
+
+    def _doc(self, key: str, doc, compressible: bool = True) -> Resource:
+        return Resource((f"zarr{self.version}", *self.pyramid.key, self.compressor.name, key),
+                        lambda: to_json(doc() if callable(doc) else doc), JSON, compressible)
+
+
+class OmeZarrV2(_ZarrView):
+    """The `/zarr/` view: NGFF 0.4 on zarr v2, with consolidated metadata."""
+
+    version = "2"
 
     def zarray(self, level: int) -> dict:
-        vol, lvl = self.pyramid.volume, self.pyramid.levels[level]
         return {
             "zarr_format": 2,
-            "shape": [*vol.shape[:2], *lvl.shape],
-            "chunks": [1, 1, *lvl.chunks],
-            "dtype": vol.dtype.str,
-            "compressor": self.codec.get_config() if self.codec else None,
+            "shape": self.shape(level),
+            "chunks": self.chunk_shape(level),
+            "dtype": self.dtype.newbyteorder("<").str if self.dtype.itemsize > 1 else self.dtype.str,
+            "compressor": self.compressor.v2(),
             "fill_value": 0,
             "order": "C",
             "filters": None,
             "dimension_separator": "/",
         }
 
-    def chunk(self, level: int, t: int, c: int, index: tuple[int, int, int]) -> bytes:
-        """The block padded to the full chunk shape (zarr requires equal-size chunks)."""
-        lvl = self.pyramid.levels[level]
-        block = self.pyramid.block(level, t, c, index)
-        if block.shape != lvl.chunks:
-            padded = np.zeros(lvl.chunks, block.dtype)
-            padded[tuple(slice(0, n) for n in block.shape)] = block
-            block = padded
-        raw = np.ascontiguousarray(block).tobytes()
-        return self.codec.encode(raw) if self.codec else raw
+    def zattrs(self) -> dict:
+        return {"multiscales": [{"version": "0.4", **multiscale(self.pyramid, self.name)}],
+                "omero": {**omero(self.pyramid, self.name), "version": "0.4"}}
+
+    def documents(self) -> dict[str, dict]:
+        """Every metadata key and its JSON; `.zmetadata` is exactly these."""
+        docs = {".zgroup": {"zarr_format": 2}, ".zattrs": self.zattrs()}
+        for level in range(len(self.pyramid.levels)):
+            docs[f"{level}/.zarray"] = self.zarray(level)
+            docs[f"{level}/.zattrs"] = {"_ARRAY_DIMENSIONS": DIMENSIONS}
+        return docs
 
     def resource(self, key: str) -> Resource:
-        base = ("zarr2", *self.pyramid.key, self.compression)
-        if key == ".zgroup":
-            return Resource((*base, key), lambda: to_json({"zarr_format": 2}), JSON, True)
-        if key == ".zattrs":
-            return Resource((*base, key), lambda: to_json(
-                {"multiscales": [multiscale(self.pyramid, self.name)], "omero": omero(self.pyramid, self.name)}), JSON,
-                True)
-        level_name, _, rest = key.partition("/")
-        if not level_name.isdigit() or int(level_name) >= len(self.pyramid.levels) or not rest:
-            raise KeyError(key)
-        level = int(level_name)
+        if key == ".zmetadata":
+            return self._doc(key, lambda: {"zarr_consolidated_format": 1, "metadata": self.documents()})
+        if key in (".zgroup", ".zattrs"):
+            return self._doc(key, lambda: self.documents()[key])
+        level, rest = self._level(key)
         if rest == ".zarray":
-            return Resource((*base, key), lambda: to_json(self.zarray(level)), JSON, True)
+            return self._doc(key, lambda: self.zarray(level))
         if rest == ".zattrs":
-            return Resource((*base, key), lambda: to_json({"_ARRAY_DIMENSIONS": ["t", "c", "z", "y", "x"]}), JSON)
+            return self._doc(key, {"_ARRAY_DIMENSIONS": DIMENSIONS})
+        grid = [*self.pyramid.volume.shape[:2], *self.pyramid.levels[level].grid]
         parts = rest.split("/") if "/" in rest else rest.split(".")
-        if len(parts) != 5 or rest.startswith("."):
+        if rest.startswith("."):
             raise KeyError(key)
-        if not all(p.isdigit() for p in parts):
-            raise ValueError(f"chunk key {key!r} must be five non-negative integers after the level, like 0/0/0/1/2/3")
-        t, c, *index = map(int, parts)
-        grid = (*self.pyramid.volume.shape[:2], *self.pyramid.levels[level].grid)
-        if not all(i < g for i, g in zip((t, c, *index), grid)):
+        t, c, *index = self._grid_index(key, parts, grid, "0/0/0/1/2/3")
+        return self.chunk(level, t, c, tuple(index))
+
+
+class OmeZarrV3(_ZarrView):
+    """The `/zarr3/` view (NGFF 0.5 on zarr v3), or with `sharded` the `/zarr3-sharded/` view,
+    whose shards of up to 4 x 4 x 4 chunks are assembled on request from the cached chunks."""
+
+    version = "3"
+
+    def __init__(self, pyramid: Pyramid, name: str, compression: str = "blosc", sharded: bool = False):
+        super().__init__(pyramid, name, compression)
+        self.sharded = sharded
+        if sharded:
+            self.version = "3-sharded"
+
+    def shard_shape(self, level: int) -> list[int]:
+        lvl = self.pyramid.levels[level]
+        return [1, 1, *(c * min(SHARD_CHUNKS, g) for c, g in zip(lvl.chunks, lvl.grid))]
+
+    def zarr_json(self, level: int) -> dict:
+        codecs = [{"name": "bytes", "configuration": {"endian": "little"}}, *self.compressor.v3(self.dtype)]
+        grid_shape = self.chunk_shape(level)
+        if self.sharded:
+            codecs = [{"name": "sharding_indexed", "configuration": {
+                "chunk_shape": grid_shape,
+                "codecs": codecs,
+                "index_codecs": [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}],
+                "index_location": "end",
+            }}]
+            grid_shape = self.shard_shape(level)
+        return {
+            "zarr_format": 3,
+            "node_type": "array",
+            "shape": self.shape(level),
+            "data_type": self.dtype.name,
+            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": grid_shape}},
+            "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
+            "fill_value": False if self.dtype == bool else 0,
+            "codecs": codecs,
+            "attributes": {},
+            "dimension_names": DIMENSIONS,
+            "storage_transformers": [],
+        }
+
+    def group_json(self) -> dict:
+        ome = {"version": "0.5", "multiscales": [multiscale(self.pyramid, self.name)],
+               "omero": omero(self.pyramid, self.name)}
+        return {"zarr_format": 3, "node_type": "group", "attributes": {"ome": ome}}
+
+    def shard(self, level: int, t: int, c: int, index: tuple[int, int, int]) -> Shard:
+        """Inner chunks in C order; those wholly past the level's edge are not stored."""
+        lvl = self.pyramid.levels[level]
+        per = self.shard_shape(level)[2:]
+        first = [i * p // ch for i, p, ch in zip(index, per, lvl.chunks)]
+        counts = [p // ch for p, ch in zip(per, lvl.chunks)]
+        chunks = []
+        for inner in np.ndindex(*counts):
+            cell = tuple(f + i for f, i in zip(first, inner))
+            chunks.append(self.chunk(level, t, c, cell) if all(i < g for i, g in zip(cell, lvl.grid)) else None)
+        return Shard(("zarr3-shard", *self.pyramid.key, self.compressor.name, level, t, c, index), tuple(chunks),
+                     zarr_index, zarr_index_length(len(chunks)), index_at_end=True)
+
+    def resource(self, key: str) -> Resource | Shard:
+        if key == "zarr.json":
+            return self._doc(key, self.group_json)
+        level, rest = self._level(key)
+        if rest == "zarr.json":
+            return self._doc(key, lambda: self.zarr_json(level))
+        if not rest.startswith("c/"):
             raise KeyError(key)
-        return Resource((*base, level, t, c, *index), lambda: self.chunk(level, t, c, tuple(index)), BINARY)
+        per = self.shard_shape(level) if self.sharded else self.chunk_shape(level)
+        grid = [-(-s // p) for s, p in zip(self.shape(level), per)]
+        t, c, *index = self._grid_index(key, rest[2:].split("/"), grid, "0/c/0/0/1/2/3")
+        return self.shard(level, t, c, tuple(index)) if self.sharded else self.chunk(level, t, c, tuple(index))

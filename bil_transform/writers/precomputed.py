@@ -13,10 +13,12 @@ import imagecodecs
 import numpy as np
 
 from ..pyramid import Pyramid
-from .omezarr import BINARY, JSON, Resource, to_json
+from .resource import BINARY, JSON, Resource, to_json
+from .sharding import PrecomputedSharding, Shard
 
 ENCODINGS = ("raw", "jpeg", "png", "compressed_segmentation")
 CHUNK_NAME = re.compile(r"(\d+)-(\d+)_(\d+)-(\d+)_(\d+)-(\d+)")
+SHARD_NAME = re.compile(r"([0-9a-f]+)\.shard")
 JPEG_QUALITY = 90
 CSEG_BLOCK = (8, 8, 8)
 
@@ -49,20 +51,22 @@ def default_encoding(dtype: np.dtype, kind: str) -> str:
 
 
 class Precomputed:
-    """The `/precomputed/` view of one dataset: one time point, all or one channel, one encoding."""
+    """The `/precomputed/` view of one dataset: one time point, all or one channel, one encoding;
+    with `sharded`, the `/precomputed-sharded/` view, whose shard files are assembled on request
+    from the same cached chunks."""
 
-    def __init__(self, pyramid: Pyramid, encoding: str | None = None, t: int = 0, channel: int | None = None):
+    def __init__(self, pyramid: Pyramid, encoding: str | None = None, t: int = 0, channel: int | None = None,
+                 sharded: bool = False):
         vol = pyramid.volume
+        self.sharded = sharded
         if not 0 <= t < vol.shape[0]:
-            raise KeyError(f"time point {t}")
+            raise KeyError(f"No time point {t}: the dataset has {vol.shape[0]}")
         if channel is not None and not 0 <= channel < vol.shape[1]:
-            raise KeyError(f"channel {channel}")
+            raise KeyError(f"No channel {channel}: the dataset has {vol.shape[1]}")
         self.pyramid, self.t = pyramid, t
         self.channels = [channel] if channel is not None else list(range(vol.shape[1]))
         self.dtype = served_dtype(vol.dtype, vol.kind)
         self.encoding = encoding or default_encoding(self.dtype, vol.kind)
-        if self.encoding not in ENCODINGS:
-            raise KeyError(f"encoding {self.encoding}")
         if not supported(self.encoding, self.dtype, len(self.channels)):
             raise ValueError(f"the {self.encoding} encoding cannot hold {len(self.channels)} channel(s) of "
                              f"{self.dtype.name}; use raw" + ("" if channel is not None else " or pick one channel"))
@@ -83,6 +87,8 @@ class Precomputed:
             }
             if self.encoding == "compressed_segmentation":
                 scale["compressed_segmentation_block_size"] = list(CSEG_BLOCK)
+            if self.sharded:
+                scale["sharding"] = self.sharding(i).spec()
             scales.append(scale)
         return {
             "@type": "neuroglancer_multiscale_volume",
@@ -92,7 +98,29 @@ class Precomputed:
             "scales": scales,
         }
 
-    def chunk(self, level: int, index: tuple[int, int, int]) -> bytes:
+    def sharding(self, level: int) -> PrecomputedSharding:
+        return PrecomputedSharding.for_grid(self.pyramid.levels[level].grid[::-1])
+
+    def chunk(self, level: int, index: tuple[int, int, int]) -> Resource:
+        """Chunk `index` (z, y, x) of `level`. Raw chunks have a known length, so a shard of
+        them can be indexed and ranged without encoding anything the range does not cover."""
+        lvl = self.pyramid.levels[level]
+        clipped = [min(c, s - i * c) for i, c, s in zip(index, lvl.chunks, lvl.shape)]
+        length = int(np.prod(clipped)) * len(self.channels) * self.dtype.itemsize if self.encoding == "raw" else None
+        return Resource((*self._base(), level, index), lambda: self.encode(level, index), BINARY,
+                        compressible=self.encoding in ("raw", "compressed_segmentation"), length=length)
+
+    def shard(self, level: int, shard: int) -> Shard:
+        sharding = self.sharding(level)
+        cells = sharding.cells(shard)
+        chunks = tuple(self.chunk(level, sharding.cell(code)[::-1]) for code, _ in cells)
+        return Shard((*self._base(), "shard", level, shard), chunks, lambda lengths: sharding.index(cells, lengths),
+                     sharding.index_length(cells), index_at_end=False)
+
+    def _base(self) -> tuple:
+        return ("precomputed", *self.pyramid.key, self.encoding, self.t, tuple(self.channels))
+
+    def encode(self, level: int, index: tuple[int, int, int]) -> bytes:
         blocks = [self.pyramid.block(level, self.t, c, index) for c in self.channels]
         data = np.stack(blocks).astype(self.dtype.newbyteorder("<"), copy=False)  # (c, z, y, x)
         c, z, y, x = data.shape
@@ -107,14 +135,15 @@ class Precomputed:
             return imagecodecs.jpeg8_encode(image if c == 3 else image[..., 0], level=JPEG_QUALITY, subsampling="444")
         return imagecodecs.png_encode(image if c > 1 else image[..., 0])
 
-    def resource(self, key: str) -> Resource:
-        base = ("precomputed", *self.pyramid.key, self.encoding, self.t, tuple(self.channels))
+    def resource(self, key: str) -> Resource | Shard:
         if key == "info":
-            return Resource((*base, key), lambda: to_json(self.info()), JSON, compressible=True)
+            return Resource((*self._base(), self.sharded, key), lambda: to_json(self.info()), JSON, compressible=True)
         level_name, _, name = key.partition("/")
         if not level_name.isdigit() or int(level_name) >= len(self.pyramid.levels) or "/" in name or not name:
             raise KeyError(key)
         level = int(level_name)
+        if self.sharded:
+            return self._shard_resource(key, level, name)
         lvl = self.pyramid.levels[level]
         m = CHUNK_NAME.fullmatch(name)
         if m is None:
@@ -125,6 +154,15 @@ class Precomputed:
             if lo % chunk or lo >= size or hi != min(lo + chunk, size):
                 raise KeyError(key)  # not a chunk of this grid
             index.append(lo // chunk)
-        index = tuple(index)
-        return Resource((*base, level, index), lambda: self.chunk(level, index), BINARY,
-                        compressible=self.encoding in ("raw", "compressed_segmentation"))
+        return self.chunk(level, tuple(index))
+
+    def _shard_resource(self, key: str, level: int, name: str) -> Shard:
+        sharding = self.sharding(level)
+        m = SHARD_NAME.fullmatch(name)
+        if m is None:
+            raise ValueError(f"shard name {name!r} must be a hexadecimal shard number and .shard, like "
+                             f"{sharding.shard_name(0)}")
+        shard = int(m.group(1), 16)
+        if shard >= sharding.shards() or name != sharding.shard_name(shard):
+            raise KeyError(key)
+        return self.shard(level, shard)

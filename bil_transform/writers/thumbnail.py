@@ -6,7 +6,7 @@ import imagecodecs
 import numpy as np
 
 from ..pyramid import Pyramid
-from .omezarr import Resource
+from .resource import Resource
 
 SIZE = 256
 MAX_CHANNELS = 3
