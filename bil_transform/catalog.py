@@ -191,6 +191,7 @@ class Dataset:
             "voxel_size_unit": "micrometer",
             "voxel_size_known": vol.voxel_size_known,
             "downsample": self.pyramid.method,
+            "zarr": {"compression": self.spec.compression, "compressions": list(COMPRESSORS)},
             "precomputed": {
                 "data_type": served.name,
                 "encoding": self.spec.encoding or default_encoding(served, vol.kind),

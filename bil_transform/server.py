@@ -128,8 +128,8 @@ class _Range:
         if_range = request.headers.get("If-Range")
         if self.spec is not None and if_range is not None and if_range != tag:
             self.spec = None  # the client's copy is stale: send it all
-        if self.spec is not None and "," in self.spec:
-            self.spec = None  # several ranges: allowed to answer with the whole body
+        if self.spec is not None and ("," in self.spec or not self.spec.strip().startswith("bytes=")):
+            self.spec = None  # several ranges, or another unit: allowed to answer with the whole body
         m = RANGE.fullmatch(self.spec.strip()) if self.spec is not None else None
         if self.spec is not None and (m is None or (m["first"] and m["last"] and int(m["first"]) > int(m["last"]))
                                       or (not m["first"] and not m["last"])):
