@@ -54,3 +54,16 @@ def reference_levels(data: np.ndarray, factors: list[tuple[int, int, int]], meth
             step = tuple(a // b for a, b in zip(f, factors[i - 1]))
             levels.append(downsample(levels[-1], step, method))
     return levels
+
+
+def compressed_morton(cell: tuple[int, ...], grid: tuple[int, ...]) -> int:
+    """Neuroglancer's chunk id (sharded.md): bits of x, y, z interleaved from the lowest, bit i of a
+    dimension taken only while 2**i < its grid size."""
+    code, out, i = 0, 0, 0
+    while any(2**i < g for g in grid):
+        for c, g in zip(cell, grid):
+            if 2**i < g:
+                code |= ((c >> i) & 1) << out
+                out += 1
+        i += 1
+    return code
