@@ -6,6 +6,7 @@ no GPU) and driven by playwright. Used by tests/test_neuroglancer.py and benchma
 from __future__ import annotations
 
 import io
+import re
 import shutil
 import threading
 import time
@@ -37,6 +38,19 @@ class Exchange:
     url: str
     status: int | None  # None: the request failed (network or CORS)
     error: str = ""
+    range: str | None = None  # the request's Range header
+    content_range: str | None = None  # the response's headers from here on
+    content_length: int | None = None
+    content_encoding: str | None = None
+
+
+def _exchange(response) -> Exchange:
+    headers = response.headers  # lower-case names
+    length = headers.get("content-length")
+    return Exchange(response.request.method, response.url, response.status,
+                    range=response.request.headers.get("range"), content_range=headers.get("content-range"),
+                    content_length=None if length is None else int(length),
+                    content_encoding=headers.get("content-encoding"))
 
 
 @dataclass
@@ -100,10 +114,9 @@ class Browser:
             s.viewer_size = list(SIZE)
         exchanges: list[Exchange] = []
         page = self._browser.new_page(viewport={"width": SIZE[0], "height": SIZE[1]})
-        page.on("response", lambda r: r.url.startswith(watch) and exchanges.append(
-            Exchange(r.request.method, r.url, r.status)))
+        page.on("response", lambda r: r.url.startswith(watch) and exchanges.append(_exchange(r)))
         page.on("requestfailed", lambda r: r.url.startswith(watch) and exchanges.append(
-            Exchange(r.method, r.url, None, r.failure or "failed")))
+            Exchange(r.method, r.url, None, r.failure or "failed", range=r.headers.get("range"))))
         try:
             start = time.monotonic()
             page.goto(viewer.get_viewer_url())
@@ -129,19 +142,56 @@ METADATA = {"info", ".zattrs", ".zarray", ".zgroup", "zarr.json"}
 PROBES_404 = {"zarr.json", ".zarray"}
 
 
-def check_exchanges(screen: Screen, root: str) -> list[str]:
-    """Every request answered 200, or 404 for a probe the contract allows; returns the chunk keys."""
+def check_range(ex: Exchange) -> int:
+    """A 206 answers exactly the requested `Range` (CONFORMANCE.md section 7): its Content-Range says the
+    requested bytes (the end clipped to the file), Content-Length says as many, nothing re-encodes the
+    bytes. Returns the file's total size."""
+    got = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+)", ex.content_range or "")
+    assert got, f"{ex.method} {ex.url} Range {ex.range!r}: 206 with Content-Range {ex.content_range!r}"
+    start, end, total = map(int, got.groups())
+    asked = re.fullmatch(r"bytes=(\d*)-(\d*)", ex.range or "")
+    assert asked and asked.group(1) + asked.group(2), f"{ex.url}: 206 to the Range header {ex.range!r}"
+    first, last = asked.groups()
+    if first:
+        want = (int(first), min(int(last), total - 1) if last else total - 1)
+    else:  # suffix
+        want = (max(total - int(last), 0), total - 1)
+    assert (start, end) == want, f"{ex.url} Range {ex.range} answered with Content-Range {ex.content_range}"
+    assert ex.content_length in (None, end - start + 1), \
+        f"{ex.url} Range {ex.range}: Content-Length {ex.content_length} for {end - start + 1} bytes"
+    assert ex.content_encoding in (None, "identity"), f"{ex.url} Range {ex.range}: encoded {ex.content_encoding}"
+    return total
+
+
+def check_exchanges(screen: Screen, root: str, probes: set[str] = PROBES_404) -> list[str]:
+    """Every request answered as the contract says: 200 or 304; 206 to a Range request, with the right
+    Content-Range; a HEAD with the Content-Length of the identity body (Neuroglancer reads a file's
+    size from it before a suffix read); 404 only for a probe named in `probes`. Every answer about one
+    file agrees on its size. Returns the keys of the data (non-metadata) GETs."""
     assert screen.exchanges, "the viewer sent no request to the server"
     chunks = []
+    sizes: dict[str, int] = {}
     for ex in screen.exchanges:
         key = ex.url.removeprefix(root + "/")
         name = key.rsplit("/", 1)[-1]
         if ex.status is None:  # the viewer cancels requests it no longer needs; anything else is a failure
-            assert "ERR_ABORTED" in ex.error, f"{ex.method} {ex.url} failed in the browser: {ex.error}"
+            assert "ERR_ABORTED" in ex.error, \
+                f"{ex.method} {ex.url} Range {ex.range} failed in the browser: {ex.error}"
             continue
-        allowed = {200} | ({404} if name in PROBES_404 else set())
-        assert ex.status in allowed, f"{ex.method} {ex.url} answered {ex.status}"
-        if name not in METADATA:
+        allowed = {200, 304} | ({206} if ex.range else set()) | ({404} if name in probes else set())
+        assert ex.status in allowed, f"{ex.method} {ex.url} Range {ex.range} answered {ex.status}"
+        size = None
+        if ex.status == 206:
+            size = check_range(ex)
+        elif ex.status == 200 and ex.method == "HEAD":
+            assert ex.content_length is not None and ex.content_encoding in (None, "identity"), \
+                f"HEAD {ex.url}: Content-Length {ex.content_length}, Content-Encoding {ex.content_encoding}"
+            size = ex.content_length
+        elif ex.status == 200 and ex.content_encoding in (None, "identity") and ex.content_length is not None:
+            size = ex.content_length
+        if size is not None:
+            assert sizes.setdefault(ex.url, size) == size, f"{ex.url} is {sizes[ex.url]} bytes and {size} bytes"
+        if ex.method == "GET" and name not in METADATA:
             chunks.append(key)
     assert chunks, "the viewer requested no chunk"
     return chunks
