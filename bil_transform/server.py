@@ -120,38 +120,31 @@ def _json(doc: Any) -> web.Response:
     return web.Response(body=json.dumps(doc, indent=1).encode(), content_type="application/json")
 
 
-class _Range:
-    """The byte range a request asks for: None for the whole body, else [start, stop)."""
+def _range_asked(request: web.Request, tag: str) -> re.Match | None:
+    """The one byte range a request asks for, or None to send the whole body: no Range, a stale
+    If-Range, several ranges or another unit (all of which a server may answer in full)."""
+    spec = request.headers.get("Range", "").strip()
+    if not spec.startswith("bytes=") or "," in spec or request.headers.get("If-Range", tag) != tag:
+        return None
+    m = RANGE.fullmatch(spec)
+    if m is None or not (m["first"] or m["last"]) or (m["first"] and m["last"] and int(m["first"]) > int(m["last"])):
+        raise web.HTTPBadRequest(text=f"Range {spec!r} must be bytes=FIRST-LAST, bytes=FIRST- or "
+                                      "bytes=-SUFFIX_LENGTH, with FIRST <= LAST")
+    return m
 
-    def __init__(self, request: web.Request, tag: str):
-        self.spec = request.headers.get("Range")
-        if_range = request.headers.get("If-Range")
-        if self.spec is not None and if_range is not None and if_range != tag:
-            self.spec = None  # the client's copy is stale: send it all
-        if self.spec is not None and ("," in self.spec or not self.spec.strip().startswith("bytes=")):
-            self.spec = None  # several ranges, or another unit: allowed to answer with the whole body
-        m = RANGE.fullmatch(self.spec.strip()) if self.spec is not None else None
-        if self.spec is not None and (m is None or (m["first"] and m["last"] and int(m["first"]) > int(m["last"]))
-                                      or (not m["first"] and not m["last"])):
-            raise web.HTTPBadRequest(text=f"Range {self.spec!r} must be bytes=FIRST-LAST, bytes=FIRST- or "
-                                          "bytes=-SUFFIX_LENGTH, with FIRST <= LAST")
-        self.match = m
 
-    def resolve(self, total: int) -> tuple[int, int] | None:
-        if self.match is None:
-            return None
-        first, last = self.match["first"], self.match["last"]
-        if not first:
-            start, stop = max(0, total - int(last)), total
-            if int(last) == 0:
-                start = stop = total
-        else:
-            start, stop = int(first), total if not last else min(total, int(last) + 1)
-        if start >= total:
-            raise web.HTTPRequestRangeNotSatisfiable(
-                text=f"The range {self.spec!r} starts past the end of the {total}-byte body",
-                headers={"Content-Range": f"bytes */{total}", **CORS})
-        return start, stop
+def _span(asked: re.Match, total: int) -> tuple[int, int]:
+    """[start, stop) of a body of `total` bytes; 416 if none of it is there."""
+    first, last = asked["first"], asked["last"]
+    if first:
+        start, stop = int(first), min(total, int(last) + 1) if last else total
+    else:  # the last N bytes
+        start, stop = (max(0, total - int(last)) if int(last) else total), total
+    if start >= total:
+        raise web.HTTPRequestRangeNotSatisfiable(
+            text=f"The range {asked.string!r} starts past the end of the {total}-byte body",
+            headers={"Content-Range": f"bytes */{total}"})
+    return start, stop
 
 
 def _if_none_match(request: web.Request, tag: str) -> bool:
@@ -194,8 +187,8 @@ async def _serve(request: web.Request, res: Resource | Shard) -> web.Response:
     headers = {"Cache-Control": CACHE_CONTROL, "Accept-Ranges": "bytes"}
     content_type = BINARY if isinstance(res, Shard) else res.content_type
     compressible = isinstance(res, Resource) and res.compressible
-    wants_range = _Range(request, f'"{tag}"')
-    gzipped = (compressible and wants_range.match is None and request.method == "GET"
+    asked = _range_asked(request, f'"{tag}"')
+    gzipped = (compressible and asked is None and request.method == "GET"
                and "gzip" in request.headers.get("Accept-Encoding", ""))
     if compressible:
         headers["Vary"] = "Accept-Encoding"
@@ -211,16 +204,15 @@ async def _serve(request: web.Request, res: Resource | Shard) -> web.Response:
             return await _shard_bytes(request, res, lengths, start, stop)
     else:
         body = None
-        if res.length is None or request.method != "HEAD" or wants_range.match is not None:
+        if res.length is None or request.method != "HEAD" or asked is not None:
             body = await _cached(request, res.key, res.produce)
         total = len(body) if body is not None else res.length
 
         async def read(start: int, stop: int) -> bytes:
             return body if (start, stop) == (0, len(body)) else body[start:stop]
 
-    span = wants_range.resolve(total)
-    status, (start, stop) = (200, (0, total)) if span is None else (206, span)
-    if span is not None:
+    status, (start, stop) = (200, (0, total)) if asked is None else (206, _span(asked, total))
+    if asked is not None:
         headers["Content-Range"] = f"bytes {start}-{stop - 1}/{total}"
     if request.method == "HEAD":
         return web.Response(status=status, headers={**headers, "Content-Length": str(stop - start)},
