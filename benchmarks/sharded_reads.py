@@ -9,7 +9,8 @@ know every chunk's length in advance (uncompressed zarr, raw precomputed); where
     level-0 shard 0, done the way zarr-python and Neuroglancer do it (zarr: the index by a
     suffix range, then the chunk's range; precomputed: shard index, minishard index, then
     the chunk's range), against fetching that whole shard. Also prints how many values the
-    server computed for each (cache misses in /metrics), and checks the chunk's voxels.
+    server computed for each (cache misses in /metrics: encoded chunks, pyramid blocks, and a
+    compressed shard's chunk lengths), and checks the chunk's voxels.
 (b) Warm: zarr-python reads all of level 0 through /zarr (baseline), /zarr3 and
     /zarr3-sharded, after one untimed pass fills the cache (best of --repeat).
 

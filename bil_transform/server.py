@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import array
 import asyncio
 import gzip
 import hashlib
@@ -155,11 +156,19 @@ def _if_none_match(request: web.Request, tag: str) -> bool:
 
 
 async def _shard_lengths(request: web.Request, shard: Shard) -> list[int]:
-    """Every chunk's encoded length; only chunks whose length is not known in advance are encoded."""
+    """Every chunk's encoded length; only chunks whose length is not known in advance are encoded.
+    Those lengths are kept in the cache, as clients read a shard in many ranges."""
     unknown = [c for c in shard.chunks if c is not None and c.length is None]
-    bodies = await asyncio.gather(*(_cached(request, c.key, c.produce) for c in unknown))
-    found = {c.key: len(b) for c, b in zip(unknown, bodies)}
-    return [0 if c is None else c.length if c.length is not None else found[c.key] for c in shard.chunks]
+    if not unknown:
+        return [0 if c is None else c.length for c in shard.chunks]
+    key = ("shard-lengths", shard.key)
+    known = request.app[CACHE].get(key)
+    if known is None:
+        bodies = await asyncio.gather(*(_cached(request, c.key, c.produce) for c in unknown))
+        found = {c.key: len(b) for c, b in zip(unknown, bodies)}
+        lengths = [0 if c is None else c.length if c.length is not None else found[c.key] for c in shard.chunks]
+        known = request.app[CACHE].get_or_compute(key, lambda: array.array("Q", lengths).tobytes())
+    return array.array("Q", known).tolist()
 
 
 async def _shard_bytes(request: web.Request, shard: Shard, lengths: list[int], start: int, stop: int) -> bytes:
