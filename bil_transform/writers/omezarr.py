@@ -70,7 +70,7 @@ def omero(pyramid: Pyramid, name: str) -> dict:
 class _ZarrView:
     """What both zarr versions share: levels, the chunk grid and chunk bytes."""
 
-    version: str
+    view: str  # the URL name, which also keys its metadata documents in the cache
 
     def __init__(self, pyramid: Pyramid, name: str, compression: str = "blosc"):
         self.pyramid, self.name = pyramid, name
@@ -116,14 +116,14 @@ class _ZarrView:
                         BINARY, length=length)
 
     def _doc(self, key: str, doc, compressible: bool = True) -> Resource:
-        return Resource((f"zarr{self.version}", *self.pyramid.key, self.compressor.name, key),
+        return Resource((self.view, *self.pyramid.key, self.compressor.name, key),
                         lambda: to_json(doc() if callable(doc) else doc), JSON, compressible)
 
 
 class OmeZarrV2(_ZarrView):
     """The `/zarr/` view: NGFF 0.4 on zarr v2, with consolidated metadata."""
 
-    version = "2"
+    view = "zarr"
 
     def zarray(self, level: int) -> dict:
         return {
@@ -172,13 +172,13 @@ class OmeZarrV3(_ZarrView):
     """The `/zarr3/` view (NGFF 0.5 on zarr v3), or with `sharded` the `/zarr3-sharded/` view,
     whose shards of up to 4 x 4 x 4 chunks are assembled on request from the cached chunks."""
 
-    version = "3"
+    view = "zarr3"
 
     def __init__(self, pyramid: Pyramid, name: str, compression: str = "blosc", sharded: bool = False):
         super().__init__(pyramid, name, compression)
         self.sharded = sharded
         if sharded:
-            self.version = "3-sharded"
+            self.view = "zarr3-sharded"
 
     def shard_shape(self, level: int) -> list[int]:
         lvl = self.pyramid.levels[level]
