@@ -8,6 +8,8 @@ cache entry, and a v3 shard is assembled from exactly those entries.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from ..pyramid import Pyramid
@@ -115,9 +117,9 @@ class _ZarrView:
         return Resource(("zarr-chunk", *self.pyramid.key, self.compressor.name, level, t, c, index), produce,
                         BINARY, length=length)
 
-    def _doc(self, key: str, doc, compressible: bool = True) -> Resource:
-        return Resource((self.view, *self.pyramid.key, self.compressor.name, key),
-                        lambda: to_json(doc() if callable(doc) else doc), JSON, compressible)
+    def _doc(self, key: str, doc: Callable[[], dict]) -> Resource:
+        return Resource((self.view, *self.pyramid.key, self.compressor.name, key), lambda: to_json(doc()), JSON,
+                        compressible=True)
 
 
 class OmeZarrV2(_ZarrView):
@@ -159,7 +161,7 @@ class OmeZarrV2(_ZarrView):
         if rest == ".zarray":
             return self._doc(key, lambda: self.zarray(level))
         if rest == ".zattrs":
-            return self._doc(key, {"_ARRAY_DIMENSIONS": DIMENSIONS})
+            return self._doc(key, lambda: {"_ARRAY_DIMENSIONS": DIMENSIONS})
         grid = [*self.pyramid.volume.shape[:2], *self.pyramid.levels[level].grid]
         parts = rest.split("/") if "/" in rest else rest.split(".")
         if rest.startswith("."):
