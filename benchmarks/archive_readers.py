@@ -7,7 +7,7 @@
 (b) Imaris chunks under the worker pool. An .ims file (h5py, gzip, Imaris-typical 32 x 128 x 128
     chunks); every 64^3 block of level 0 is read cold by 1 and by 2 worker threads.
     Reader: raw chunk bytes through HDF5, decompressed outside h5py's global lock, each chunk
-    once (kept in DECODED for the other blocks it serves). Baseline: plain h5py slicing, where
+    once (kept in the segments cache for the other blocks it serves). Baseline: plain h5py slicing, where
     HDF5 decompresses under the lock, again for every block a chunk serves once the chunk is
     larger than HDF5's default 1 MiB chunk cache.
 
@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from imaris_writer import write_ims  # noqa: E402
 
 import bil_transform.readers.imaris as imaris  # noqa: E402
-from bil_transform.cache import ChunkCache  # noqa: E402
+from bil_transform.cache import Cache  # noqa: E402
 from bil_transform.pyramid import Pyramid  # noqa: E402
 from bil_transform.readers import open_source  # noqa: E402
 
@@ -46,6 +46,9 @@ def synthetic(rng, shape, hi) -> np.ndarray:
     grids = np.meshgrid(*[np.linspace(0, 8, n) for n in shape], indexing="ij")
     smooth = (np.sin(grids[0] + grids[1]) * np.cos(grids[-1] * 1.3) + 1) / 2
     return (smooth * hi * 0.8 + rng.uniform(0, hi * 0.2, shape)).astype(np.uint16)
+
+
+SEGMENTS = Cache(2**30).section("segments")  # what the server hands its readers, as large as the old fixed one
 
 
 def fresh(reader):
@@ -66,7 +69,7 @@ def cold_level(reader, level: int, workers: int, repeat: int) -> tuple[float, li
     times = []
     for _ in range(repeat):
         start = time.perf_counter()
-        blocks = read_level(Pyramid(fresh(reader), ChunkCache(2**33), "bench"), level, workers)
+        blocks = read_level(Pyramid(fresh(reader), Cache(2**33).section("blocks"), "bench"), level, workers)
         times.append(time.perf_counter() - start)
     return min(times), blocks
 
@@ -78,7 +81,7 @@ def jpeg2000(root: Path, slices: int, size: int, repeat: int) -> None:
         plane = synthetic(rng, (size, size), 60000)
         (root / "jp2" / f"z{z:04d}.jp2").write_bytes(
             imagecodecs.jpeg2k_encode(plane, level=0, codecformat="jp2", reversible=True, resolutions=6))
-    native, hidden = open_source(root / "jp2"), open_source(root / "jp2")
+    native, hidden = open_source(root / "jp2", SEGMENTS), open_source(root / "jp2", SEGMENTS)
     # serial sections 16 um apart, so both pyramids keep z through level 4 and make the same levels
     native.volume = dataclasses.replace(native.volume, voxel_size=(16.0, 1.0, 1.0))
     hidden.volume = dataclasses.replace(native.volume, native_levels=native.volume.native_levels[:1])
@@ -86,8 +89,8 @@ def jpeg2000(root: Path, slices: int, size: int, repeat: int) -> None:
           f"{sum(f.stat().st_size for f in (root / 'jp2').iterdir()) / 2**20:.0f} MiB")
     print("    level  shape            native  full decode + downsample  ratio")
     for level in (1, 2, 3, 4):
-        shape = Pyramid(native, ChunkCache(1), "n").levels[level].shape
-        assert shape == Pyramid(hidden, ChunkCache(1), "h").levels[level].shape
+        shape = Pyramid(native, Cache(1).section("blocks"), "n").levels[level].shape
+        assert shape == Pyramid(hidden, Cache(1).section("blocks"), "h").levels[level].shape
         t_native, _ = cold_level(native, level, 2, repeat)
         t_full, _ = cold_level(hidden, level, 2, repeat)
         print(f"    {level:5d}  {str(shape):15s}  {t_native:6.2f} s  {t_full:6.2f} s{'':18s}{t_native / t_full:.3f}")
@@ -97,7 +100,7 @@ def imaris_chunks(root: Path, slices: int, size: int, repeat: int) -> None:
     rng = np.random.default_rng(2)
     path = root / "bench.ims"
     write_ims(path, synthetic(rng, (slices, size, size), 60000)[None, None], levels=1, chunks=(32, 128, 128))
-    reader = open_source(path)
+    reader = open_source(path, SEGMENTS)
     print(f"(b) Imaris: {slices} x {size} x {size} uint16, gzip, chunks 32 x 128 x 128, "
           f"{path.stat().st_size / 2**20:.0f} MiB; all level-0 blocks of 64^3")
     direct = imaris._pipeline

@@ -10,11 +10,12 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .cache import ChunkCache
+from .cache import Cache
 from .pyramid import DEFAULT_CHUNK, Pyramid
 from .pyramid.downsample import METHODS
 from .readers import SourceError, open_source
 from .readers.base import version_token
+from .workers import Workers
 from .writers import default_encoding, precomputed_encodings, served_dtype
 from .writers.codecs import COMPRESSORS
 from .writers.precomputed import ENCODINGS
@@ -124,8 +125,8 @@ class Dataset:
     `refresh` reopens the source when that version changes, so a changed file is never served stale.
     """
 
-    def __init__(self, spec: DatasetSpec, cache: ChunkCache, recheck: float = 2.0):
-        self.spec, self.cache = spec, cache
+    def __init__(self, spec: DatasetSpec, cache: Cache, recheck: float = 2.0, workers: Workers | None = None):
+        self.spec, self.cache, self.workers = spec, cache, workers
         self.recheck = recheck  # seconds between checks of the source files
         self._lock = threading.Lock()
         self._open()
@@ -136,13 +137,14 @@ class Dataset:
         self.error: str | None = None
         self._checked = time.monotonic()
         try:
-            reader = open_source(spec.path)
+            reader = open_source(spec.path, self.cache.section("segments"))
             overrides = {"kind": spec.kind}
             if spec.voxel_size:
                 overrides.update(voxel_size=spec.voxel_size, voxel_size_known=True)
             reader.volume = dataclasses.replace(reader.volume, **overrides)
             method = spec.downsample or ("mode" if spec.kind == "labels" else "mean")
-            pyramid = Pyramid(reader, self.cache, spec.id, method=method, chunk=spec.chunk)
+            pyramid = Pyramid(reader, self.cache.section("blocks"), spec.id, method=method, chunk=spec.chunk,
+                              workers=self.workers)
             encodings = precomputed_encodings(pyramid)
             if spec.encoding and spec.encoding not in encodings:
                 raise ValueError(f"the precomputed encoding {spec.encoding!r} cannot hold this {reader.volume.dtype} "

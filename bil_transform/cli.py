@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import sys
 from pathlib import Path
 
 from aiohttp import web
 
-from .cache import ChunkCache
+from .cache import Cache
 from .catalog import CatalogError, Dataset, DatasetSpec, load_catalog, specs_from_paths
 from .pages import DEFAULT_VIEWER
 from .readers import SourceError, open_source
+from .workers import Workers
 
 UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "m": 1e6, "mb": 1e6, "mib": 2**20,
          "g": 1e9, "gb": 1e9, "gib": 2**30, "t": 1e12, "tb": 1e12, "tib": 2**40}
@@ -27,10 +29,21 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * UNITS[m.group(2).lower()])
 
 
+def default_cache_size() -> int:
+    """A quarter of the machine's memory: the demo's whole pyramid with its blocks fits in a few
+    GiB, and the rest is left to the OS page cache, which holds the source files."""
+    try:
+        return max(2**28, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4)
+    except (ValueError, OSError, AttributeError):
+        return 2**30
+
+
 def _add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument("--cache-size", type=parse_size, default=parse_size("1GiB"), help="memory for cached chunks")
+    p.add_argument("--cache-size", type=parse_size, default=default_cache_size(),
+                   help="memory for everything the server keeps: encoded chunks, decoded blocks and source "
+                        "segments (default: a quarter of the machine's memory)")
     p.add_argument("--neuroglancer", default=DEFAULT_VIEWER, metavar="URL",
                    help=f"Neuroglancer used by 'open in Neuroglancer' links (default {DEFAULT_VIEWER})")
     p.add_argument("--recheck", type=float, default=2.0, metavar="SECONDS",
@@ -42,8 +55,8 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
 def run_server(specs: list[DatasetSpec], args: argparse.Namespace) -> None:
     from .server import create_app
 
-    cache = ChunkCache(args.cache_size)
-    datasets = {s.id: Dataset(s, cache, recheck=args.recheck) for s in specs}
+    cache, workers = Cache(args.cache_size), Workers(args.workers)
+    datasets = {s.id: Dataset(s, cache, recheck=args.recheck, workers=workers) for s in specs}
     base = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
     for ds in datasets.values():
         if ds.error:
@@ -52,7 +65,7 @@ def run_server(specs: list[DatasetSpec], args: argparse.Namespace) -> None:
             root = f"{base}/ds/{ds.spec.id}"
             print(f"  {ds.spec.id}: {root}/zarr  {root}/zarr3  precomputed://{root}/precomputed")
     print(f"bil-transform serving {len(datasets)} dataset(s) at {base}/ (Ctrl-C to stop)", flush=True)
-    app = create_app(datasets, cache, args.workers, args.neuroglancer)
+    app = create_app(datasets, cache, workers, args.neuroglancer)
     web.run_app(app, host=args.host, port=args.port, print=None, access_log=None)
 
 

@@ -2,26 +2,22 @@
 
 from __future__ import annotations
 
-import array
 import asyncio
-import gzip
 import hashlib
 import json
 import logging
-import os
 import re
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from aiohttp import web
 
 from . import pages
-from .cache import ChunkCache
+from .cache import Cache, Section
 from .catalog import Dataset
 from .readers import SourceError
-from .writers import Resource, Shard, make_view
-from .writers.resource import BINARY
+from .workers import Workers
+from .writers import make_view
 from .writers.thumbnail import thumbnail
 
 log = logging.getLogger("bil_transform")
@@ -37,8 +33,9 @@ PREFLIGHT = {
     "Access-Control-Max-Age": "86400",
 }
 DATASETS = web.AppKey("datasets", dict)
-CACHE = web.AppKey("cache", ChunkCache)
-POOL = web.AppKey("pool", ThreadPoolExecutor)
+CACHE = web.AppKey("cache", Cache)
+CHUNKS = web.AppKey("chunks", Section)  # encoded bodies: chunks, metadata documents, shard lengths
+WORKERS = web.AppKey("workers", Workers)
 STATE = web.AppKey("state", dict)
 VIEW = r"{view:(?:zarr3?|precomputed)(?:-[a-z0-9_-]+)?}"
 RANGE = re.compile(r"bytes=(?P<first>\d*)-(?P<last>\d*)")
@@ -46,20 +43,24 @@ CACHE_CONTROL = "public, max-age=3600"  # derived bytes change only with the sou
 
 
 def _error(status: int, message: str) -> web.Response:
-    return web.Response(status=status, text=message.rstrip(".") + ".\n", headers=CORS)
+    return web.Response(status=status, text=message.rstrip(".") + ".\n")
+
+
+async def _cors(request: web.Request, response: web.StreamResponse) -> None:
+    """Every response carries CORS headers, streamed ones too (added as their headers go out)."""
+    response.headers.update(CORS)
 
 
 @web.middleware
 async def errors_and_cors(request: web.Request, handler: Callable) -> web.StreamResponse:
-    """Every response carries CORS headers; every failure is one sentence with the right status.
-    OPTIONS preflights are answered here for every path, so routes need not list them."""
+    """Every failure is one sentence with the right status. OPTIONS preflights are answered
+    here for every path, so routes need not list them."""
     if request.method == "OPTIONS":
         return web.Response(status=204, headers=PREFLIGHT)
     try:
         response = await handler(request)
     except web.HTTPException as exc:
         if exc.status < 400:
-            exc.headers.update(CORS)
             raise
         reason = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else exc.reason
         response = _error(exc.status, reason)
@@ -73,7 +74,6 @@ async def errors_and_cors(request: web.Request, handler: Callable) -> web.Stream
     except Exception as exc:
         log.exception("internal error on %s", request.path)
         return _error(500, f"Internal error while serving {request.path}: {type(exc).__name__}")
-    response.headers.update(CORS)
     return response
 
 
@@ -84,15 +84,9 @@ async def _in_pool(request: web.Request, fn: Callable[..., Any], *args) -> Any:
         raise web.HTTPServiceUnavailable(text="The server is busy; retry shortly", headers={"Retry-After": "1"})
     state["queued"] += 1
     try:
-        return await asyncio.get_running_loop().run_in_executor(request.app[POOL], fn, *args)
+        return await asyncio.get_running_loop().run_in_executor(request.app[WORKERS].pool, fn, *args)
     finally:
         state["queued"] -= 1
-
-
-async def _cached(request: web.Request, key: Any, produce: Callable[[], bytes]) -> bytes:
-    cache = request.app[CACHE]
-    body = cache.get(key)
-    return body if body is not None else await _in_pool(request, cache.get_or_compute, key, produce)
 
 
 def _dataset(request: web.Request, *, usable: bool = True) -> Dataset:
@@ -155,82 +149,61 @@ def _if_none_match(request: web.Request, tag: str) -> bool:
     return header.strip() == "*" or tag in (t.strip().removeprefix("W/") for t in header.split(","))
 
 
-async def _shard_lengths(request: web.Request, shard: Shard) -> list[int]:
-    """Every chunk's encoded length; only chunks whose length is not known in advance are encoded.
-    Those lengths are kept in the cache, as clients read a shard in many ranges."""
-    unknown = [c for c in shard.chunks if c is not None and c.length is None]
-    if not unknown:
-        return [0 if c is None else c.length for c in shard.chunks]
-    key = ("shard-lengths", shard.key)
-    known = request.app[CACHE].get(key)
-    if known is None:
-        bodies = await asyncio.gather(*(_cached(request, c.key, c.produce) for c in unknown))
-        found = {c.key: len(b) for c, b in zip(unknown, bodies)}
-        lengths = [0 if c is None else c.length if c.length is not None else found[c.key] for c in shard.chunks]
-        known = request.app[CACHE].get_or_compute(key, lambda: array.array("Q", lengths).tobytes())
-    return array.array("Q", known).tolist()
-
-
-async def _shard_bytes(request: web.Request, shard: Shard, lengths: list[int], start: int, stop: int) -> bytes:
-    """Bytes [start, stop) of the shard, encoding only the chunks they overlap."""
-
-    async def part(offset: int, length: int, i: int | None) -> bytes:
-        if i is None:
-            data = shard.index(lengths)
-        else:
-            chunk = shard.chunks[i]
-            data = await _cached(request, chunk.key, chunk.produce)
-            if len(data) != length:
-                raise RuntimeError(f"chunk {chunk.key} is {len(data)} bytes, not the {length} its index says")
-        return data[max(0, start - offset):stop - offset]
-
-    wanted = [s for s in shard.segments(lengths) if s[0] < stop and s[0] + s[1] > start]
-    return b"".join(await asyncio.gather(*(part(*s) for s in wanted)))
-
-
-async def _serve(request: web.Request, res: Resource | Shard) -> web.Response:
-    """Bytes with a strong ETag, 304, byte ranges (206/416) and HEAD, computing no more than the
-    answer needs. A whole-body GET of a compressible resource is gzip-encoded (and cached so) when
-    the client accepts it; ranges and HEAD always describe the identity body."""
-    tag = hashlib.blake2b(repr(res.key).encode(), digest_size=12).hexdigest()
+async def _serve(request: web.Request, body: Any) -> web.StreamResponse:
+    """A body (writers/resource.py) with a strong ETag, 304, byte ranges (206/416) and HEAD,
+    computing no more than the answer needs and streaming what is not at hand in pieces. A
+    whole-body GET of a compressible body is gzip-encoded (and kept so) when the client accepts
+    it; ranges and HEAD always describe the identity body."""
+    tag = hashlib.blake2b(repr(body.key).encode(), digest_size=12).hexdigest()
     headers = {"Cache-Control": CACHE_CONTROL, "Accept-Ranges": "bytes"}
-    content_type = BINARY if isinstance(res, Shard) else res.content_type
-    compressible = isinstance(res, Resource) and res.compressible
     asked = _range_asked(request, f'"{tag}"')
-    gzipped = (compressible and asked is None and request.method == "GET"
+    gzipped = (body.compressible and asked is None and request.method == "GET"
                and "gzip" in request.headers.get("Accept-Encoding", ""))
-    if compressible:
+    if body.compressible:
         headers["Vary"] = "Accept-Encoding"
     headers["ETag"] = f'"{tag}-gzip"' if gzipped else f'"{tag}"'
     if _if_none_match(request, headers["ETag"]):
         return web.Response(status=304, headers=headers)
+    if gzipped:
+        data = request.app[CHUNKS].get(body.gzip_key()) or await _in_pool(request, body.gzipped)
+        return web.Response(body=data, content_type=body.content_type,
+                            headers={**headers, "Content-Encoding": "gzip"})
 
-    if isinstance(res, Shard):
-        lengths = await _shard_lengths(request, res)
-        total = res.index_length + sum(lengths)
-
-        async def read(start: int, stop: int) -> bytes:
-            return await _shard_bytes(request, res, lengths, start, stop)
+    whole = body.peek()
+    if whole is not None:
+        total = len(whole)
+    elif body.length is not None:
+        total = body.length  # known without computing anything
     else:
-        body = None
-        if res.length is None or request.method != "HEAD" or asked is not None:
-            body = await _cached(request, res.key, res.produce)
-        total = len(body) if body is not None else res.length
-
-        async def read(start: int, stop: int) -> bytes:
-            return body if (start, stop) == (0, len(body)) else body[start:stop]
-
+        total = await _in_pool(request, body.size)
+        whole = body.peek()
     status, (start, stop) = (200, (0, total)) if asked is None else (206, _span(asked, total))
     if asked is not None:
         headers["Content-Range"] = f"bytes {start}-{stop - 1}/{total}"
     if request.method == "HEAD":
         return web.Response(status=status, headers={**headers, "Content-Length": str(stop - start)},
-                            content_type=content_type)
-    data = await read(start, stop)
-    if gzipped:
-        data = await _cached(request, ("gzip", res.key), lambda: gzip.compress(data, compresslevel=5, mtime=0))
-        headers["Content-Encoding"] = "gzip"
-    return web.Response(status=status, body=data, content_type=content_type, headers=headers)
+                            content_type=body.content_type)
+    if whole is not None:
+        return web.Response(status=status, body=memoryview(whole)[start:stop], content_type=body.content_type,
+                            headers=headers)
+    pieces = body.read(start, stop)
+    piece = await _in_pool(request, next, pieces, None)  # a failure before any byte is sent gets its status
+    response = web.StreamResponse(status=status, headers=headers)
+    response.content_type, response.content_length = body.content_type, stop - start
+    await response.prepare(request)
+    try:
+        while piece is not None:
+            await response.write(piece)
+            piece = await _in_pool(request, next, pieces, None)
+        await response.write_eof()
+    except ConnectionError:
+        raise  # the client went away
+    except Exception as exc:
+        # The status is sent: cut the connection, so the client sees a short body, never a wrong one.
+        log.warning("%s failed after %d of its bytes were sent: %s", request.path, response.body_length, exc)
+        if request.transport is not None:
+            request.transport.close()
+    return response
 
 
 async def dataset_view(request: web.Request) -> web.Response:
@@ -239,7 +212,8 @@ async def dataset_view(request: web.Request) -> web.Response:
     name, key = request.match_info["view"], request.match_info["key"]
     t, c = (int(request.match_info[k]) if k in request.match_info else None for k in ("t", "c"))
     try:
-        view = make_view(ds.pyramid, name, compression=ds.spec.compression, encoding=ds.spec.encoding, t=t, channel=c)
+        view = make_view(ds.pyramid, name, request.app[CHUNKS], compression=ds.spec.compression,
+                         encoding=ds.spec.encoding, t=t, channel=c)
     except KeyError as exc:
         raise web.HTTPNotFound(text=exc.args[0]) from None
     except ValueError as exc:
@@ -254,7 +228,7 @@ async def dataset_view(request: web.Request) -> web.Response:
 
 
 async def dataset_thumbnail(request: web.Request) -> web.Response:
-    return await _serve(request, thumbnail((await _current(request)).pyramid))
+    return await _serve(request, thumbnail((await _current(request)).pyramid, request.app[CHUNKS]))
 
 
 async def list_datasets(request: web.Request) -> web.Response:
@@ -282,8 +256,12 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    stats = request.app[CACHE].stats()
-    lines = [f"bil_transform_cache_{k} {v}" for k, v in stats.items()]
+    """Prometheus text: each cache section's counters (labelled), their totals (unlabelled), the
+    queue and the datasets."""
+    lines = []
+    for section, counts in request.app[CACHE].stats().items():
+        label = "" if section == "all" else f'{{cache="{section}"}}'
+        lines += [f"bil_transform_cache_{k}{label} {v}" for k, v in counts.items()]
     lines.append(f"bil_transform_queued_jobs {request.app[STATE]['queued']}")
     datasets = request.app[DATASETS].values()
     lines.append(f"bil_transform_datasets{{status=\"ok\"}} {sum(ds.pyramid is not None for ds in datasets)}")
@@ -291,15 +269,13 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
 
 
-def create_app(datasets: dict[str, Dataset], cache: ChunkCache, workers: int | None = None,
+def create_app(datasets: dict[str, Dataset], cache: Cache, workers: Workers,
                viewer: str = pages.DEFAULT_VIEWER) -> web.Application:
+    """The app over datasets opened with this cache and these workers (handed to them too)."""
     app = web.Application(middlewares=[errors_and_cors])
-    # One thread per core: chunk assembly is partly Python, and extra threads only fight over the
-    # GIL (benchmarks/serve_throughput.py --workers N). Storage with high latency wants more.
-    workers = workers or os.cpu_count() or 1
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bil-worker")
-    app[DATASETS], app[CACHE], app[POOL] = datasets, cache, pool
-    app[STATE] = {"queued": 0, "max_queued": workers * 256, "viewer": viewer}
+    app.on_response_prepare.append(_cors)
+    app[DATASETS], app[CACHE], app[CHUNKS], app[WORKERS] = datasets, cache, cache.section("chunks"), workers
+    app[STATE] = {"queued": 0, "max_queued": workers.threads * 256, "viewer": viewer}
     app.router.add_get("/", index)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
@@ -310,7 +286,7 @@ def create_app(datasets: dict[str, Dataset], cache: ChunkCache, workers: int | N
         app.router.add_get(f"/ds/{{id}}{selector}/{VIEW}/{{key:.*}}", dataset_view)
 
     async def shutdown(app: web.Application) -> None:
-        pool.shutdown(wait=False, cancel_futures=True)
+        workers.shutdown()
 
     app.on_cleanup.append(shutdown)
     return app

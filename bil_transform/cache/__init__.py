@@ -1,86 +1,145 @@
-"""A byte-bounded LRU with single-flight: concurrent misses for one key share one computation."""
+"""One byte budget for everything the server keeps in memory, shared by named sections, each
+with single-flight: concurrent misses for one key share one computation.
+
+The server makes one `Cache` from `--cache-size` and hands a section to each layer that keeps
+something: encoded chunks (server and writers), decoded blocks (pyramid), decoded source
+segments (readers). One LRU over all of them means the budget goes wherever it is used most;
+each section counts its own hits, misses, evictions and bytes for /metrics.
+"""
 
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future
 from typing import Any
 
 import numpy as np
-from cachetools import LRUCache
+
+COUNTERS = ("hits", "misses", "evictions", "bytes", "entries")
 
 
 def nbytes(value: Any) -> int:
-    return value.nbytes if isinstance(value, np.ndarray) else len(value)
+    if isinstance(value, np.ndarray):
+        return value.nbytes
+    if isinstance(value, memoryview):
+        return value.nbytes
+    return len(value)
 
 
-class _CountingLRU(LRUCache):
-    evictions = 0
-
-    def popitem(self):
-        self.evictions += 1
-        return super().popitem()
-
-
-class ChunkCache:
-    """Holds encoded chunks (bytes) and decoded blocks (ndarrays) under one byte budget.
-
-    Thread-safe. `get_or_compute` runs in worker threads: the first miss for a key computes
-    in its own thread, later callers for the same key wait for that result. A failed
-    computation is not cached; every waiter sees its exception.
-    """
+class Cache:
+    """A byte-bounded LRU shared by named sections. Thread-safe."""
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
-        self._lru = _CountingLRU(maxsize=max_bytes, getsizeof=nbytes)
+        self._lru: OrderedDict[tuple[str, Hashable], tuple[Any, int]] = OrderedDict()
         self._lock = threading.Lock()
-        self._inflight: dict[Hashable, Future] = {}
-        self.hits = 0
-        self.misses = 0
+        self._inflight: dict[tuple[str, Hashable], Future] = {}
+        self._bytes = 0
+        self._sections: dict[str, Section] = {}
+
+    def section(self, name: str) -> Section:
+        with self._lock:
+            if name not in self._sections:
+                self._sections[name] = Section(self, name)
+            return self._sections[name]
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        """Counters per section, and `all` summed over them (with the budget)."""
+        with self._lock:
+            per = {name: dict(s.counts) for name, s in self._sections.items()}
+        total = {k: sum(s[k] for s in per.values()) for k in COUNTERS}
+        return {**per, "all": {**total, "max_bytes": self.max_bytes}}
+
+    def _store(self, section: Section, key: Hashable, value: Any) -> None:
+        """Insert under the lock, evicting the least recently used entries of any section."""
+        size = nbytes(value)
+        if size > self.max_bytes:
+            return
+        full = (section.name, key)
+        old = self._lru.pop(full, None)
+        if old is not None:
+            self._bytes -= old[1]
+            section.counts["bytes"] -= old[1]
+            section.counts["entries"] -= 1
+        self._lru[full] = (value, size)
+        self._bytes += size
+        section.counts["bytes"] += size
+        section.counts["entries"] += 1
+        while self._bytes > self.max_bytes:
+            (name, _), (_, gone) = self._lru.popitem(last=False)
+            owner = self._sections[name]
+            self._bytes -= gone
+            owner.counts["bytes"] -= gone
+            owner.counts["entries"] -= 1
+            owner.counts["evictions"] += 1
+
+
+class Section:
+    """One named part of a Cache: what one layer keeps, under the shared budget."""
+
+    def __init__(self, cache: Cache, name: str):
+        self.cache, self.name = cache, name
+        self.counts = dict.fromkeys(COUNTERS, 0)
+
+    @property
+    def max_bytes(self) -> int:
+        return self.cache.max_bytes
 
     def get(self, key: Hashable) -> Any | None:
         """The cached value or None; cheap enough for the event loop."""
-        with self._lock:
-            value = self._lru.get(key)
-            if value is not None:
-                self.hits += 1
-            return value
+        cache = self.cache
+        with cache._lock:
+            entry = cache._lru.get((self.name, key))
+            if entry is None:
+                return None
+            cache._lru.move_to_end((self.name, key))
+            self.counts["hits"] += 1
+            return entry[0]
 
-    def get_or_compute(self, key: Hashable, compute: Callable[[], Any]) -> Any:
-        with self._lock:
-            value = self._lru.get(key)
-            if value is not None:
-                self.hits += 1
-                return value
-            future = self._inflight.get(key)
+    def put(self, key: Hashable, value: Any) -> None:
+        """Keep a value computed alongside another (a slab read yields its neighbours' blocks)."""
+        with self.cache._lock:
+            self.cache._store(self, key, value)
+
+    def get_or_compute(self, key: Hashable, compute: Callable[[], Any], keep: bool = True) -> Any:
+        """The cached value, else compute it once however many threads ask at the same time.
+        A failed computation is not cached; every waiter sees its exception. With keep=False
+        the value is shared with concurrent callers only, never stored."""
+        cache, full = self.cache, (self.name, key)
+        with cache._lock:
+            entry = cache._lru.get(full)
+            if entry is not None:
+                cache._lru.move_to_end(full)
+                self.counts["hits"] += 1
+                return entry[0]
+            future = cache._inflight.get(full)
             owner = future is None
             if owner:
-                self.misses += 1
-                future = self._inflight[key] = Future()
+                self.counts["misses"] += keep  # a value shared only in flight is no cache miss
+                future = cache._inflight[full] = Future()
         if not owner:
             return future.result()
         try:
             value = compute()
         except BaseException as exc:
-            with self._lock:
-                del self._inflight[key]
+            with cache._lock:
+                del cache._inflight[full]
             future.set_exception(exc)
             raise
-        with self._lock:
-            if nbytes(value) <= self.max_bytes:
-                self._lru[key] = value
-            del self._inflight[key]
+        with cache._lock:
+            if keep:
+                cache._store(self, key, value)
+            del cache._inflight[full]
         future.set_result(value)
         return value
 
     def stats(self) -> dict[str, int]:
-        with self._lock:
-            return {
-                "hits": self.hits,
-                "misses": self.misses,
-                "evictions": self._lru.evictions,
-                "bytes": int(self._lru.currsize),
-                "max_bytes": self.max_bytes,
-                "entries": len(self._lru),
-            }
+        with self.cache._lock:
+            return {**self.counts, "max_bytes": self.cache.max_bytes}
+
+
+def uncached(name: str) -> Section:
+    """A section that keeps nothing (single-flight only), for readers used outside a server."""
+    return Cache(0).section(name)

@@ -1,23 +1,29 @@
 """The resolution pyramid: native levels from the reader, then synthesized levels down to one chunk.
 
-Every level is a grid of blocks (the serving chunk shape). A synthesized block is computed
-from the parent level's blocks, which come through the shared cache, so walking the whole
-pyramid reads each source voxel once.
+Every level is a grid of blocks (the serving chunk shape). A native block is read with its
+slab: the neighbouring blocks that share its source rows, tiles or chunks, read in one pass
+and cached together, so each source byte is read once. A synthesized block is computed from
+the parent level's blocks, which come through the same cache, so walking the whole pyramid
+reads each source voxel once. Parent blocks (and slabs) are spread over the workers: the
+coarsest block, which Neuroglancer asks for first, needs the whole volume below it.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 
 import dask.array as da
 import numpy as np
 
-from ..cache import ChunkCache
+from ..cache import Section
 from ..readers import Reader, Region
+from ..workers import Workers
 from .downsample import METHODS
 
 DEFAULT_CHUNK = (64, 64, 64)
+SLAB_BYTES = 32 * 2**20  # the most one native read may decode at once (it holds many blocks)
 
 
 @dataclass(frozen=True)
@@ -60,11 +66,12 @@ def plan_levels(reader: Reader, chunk: tuple[int, int, int]) -> list[Level]:
 
 
 class Pyramid:
-    def __init__(self, reader: Reader, cache: ChunkCache, key: str, method: str = "mean",
-                 chunk: tuple[int, int, int] = DEFAULT_CHUNK):
+    def __init__(self, reader: Reader, blocks: Section, key: str, method: str = "mean",
+                 chunk: tuple[int, int, int] = DEFAULT_CHUNK, workers: Workers | None = None):
         if method not in METHODS:
             raise ValueError(f"unknown downsampling method {method!r}; choose one of {', '.join(METHODS)}")
-        self.reader, self.cache, self.method = reader, cache, method
+        self.reader, self.blocks, self.method = reader, blocks, method
+        self.workers = workers or Workers(1)
         self.volume = reader.volume
         self.key = (key, self.volume.version, method, chunk)
         self.levels = plan_levels(reader, chunk)
@@ -90,20 +97,54 @@ class Pyramid:
         lvl = self.levels[level]
         if not all(0 <= i < g for i, g in zip(index, lvl.grid)):
             raise IndexError(f"block {index} is outside the grid {lvl.grid} of level {level}")
-        region = tuple(slice(i * c, min((i + 1) * c, s)) for i, c, s in zip(index, lvl.chunks, lvl.shape))
+        return self.blocks.get_or_compute(self._block_key(level, t, c, index),
+                                          lambda: self._compute(level, t, c, index))
 
-        def compute() -> np.ndarray:
-            if lvl.native is not None:
-                data = self.reader.read(lvl.native, t, c, region)
-            else:
-                parent = self.levels[level - 1].shape
-                src = tuple(slice(r.start * f, min(r.stop * f, p)) for r, f, p in zip(region, lvl.step, parent))
-                data = METHODS[self.method](self.read(level - 1, t, c, src), lvl.step)
-            data = np.ascontiguousarray(data, dtype=self.volume.dtype)
-            data.flags.writeable = False
-            return data
+    def _block_key(self, level: int, t: int, c: int, index: tuple[int, int, int]) -> tuple:
+        return ("block", *self.key, level, t, c, index)
 
-        return self.cache.get_or_compute(("block", *self.key, level, t, c, index), compute)
+    def _compute(self, level: int, t: int, c: int, index: tuple[int, int, int]) -> np.ndarray:
+        lvl = self.levels[level]
+        if lvl.native is not None:
+            slab = self.slab(level, index)
+            key = ("slab", *self.key, level, t, c, tuple(r.start for r in slab))
+            return self.blocks.get_or_compute(key, lambda: self._read_slab(level, t, c, slab), keep=False)[index]
+        region = self._region(level, index)
+        parent = self.levels[level - 1].shape
+        src = tuple(slice(r.start * f, min(r.stop * f, p)) for r, f, p in zip(region, lvl.step, parent))
+        return _frozen(METHODS[self.method](self.read(level - 1, t, c, src), lvl.step), self.volume.dtype)
+
+    def _region(self, level: int, index: tuple[int, int, int]) -> Region:
+        lvl = self.levels[level]
+        return tuple(slice(i * c, min((i + 1) * c, s)) for i, c, s in zip(index, lvl.chunks, lvl.shape))
+
+    def slab(self, level: int, index: tuple[int, int, int]) -> tuple[range, range, range]:
+        """The blocks of a native level read together with block `index` (ranges of block indices
+        along z, y, x): aligned so that they cover whole source blocks (rows, tiles, chunks),
+        halved along their longest side while they would decode more than SLAB_BYTES."""
+        lvl = self.levels[level]
+        spans = [min(math.lcm(c, min(b, s)) // c, g)
+                 for c, b, s, g in zip(lvl.chunks, self.volume.block_shape, lvl.shape, lvl.grid)]
+        itemsize = self.volume.dtype.itemsize
+        while math.prod(n * c for n, c in zip(spans, lvl.chunks)) * itemsize > SLAB_BYTES and max(spans) > 1:
+            longest = max(range(3), key=lambda a: spans[a] * lvl.chunks[a] if spans[a] > 1 else 0)
+            spans[longest] = -(-spans[longest] // 2)
+        return tuple(range(i - i % n, min(i - i % n + n, g)) for i, n, g in zip(index, spans, lvl.grid))
+
+    def _read_slab(self, level: int, t: int, c: int, slab: tuple[range, range, range]) -> dict:
+        """Read a slab once, cut it into blocks and keep them all; a block's owner takes its own."""
+        lvl = self.levels[level]
+        first = self._region(level, tuple(r[0] for r in slab))
+        last = self._region(level, tuple(r[-1] for r in slab))
+        region = tuple(slice(a.start, b.stop) for a, b in zip(first, last))
+        data = self.reader.read(lvl.native, t, c, region)
+        blocks, alone = {}, all(len(r) == 1 for r in slab)
+        for index in itertools.product(*slab):
+            local = tuple(slice(r.start - o.start, r.stop - o.start)
+                          for r, o in zip(self._region(level, index), region))
+            blocks[index] = block = _frozen(data[local], self.volume.dtype, copy=not alone)
+            self.blocks.put(self._block_key(level, t, c, index), block)
+        return blocks
 
     def read(self, level: int, t: int, c: int, region: Region) -> np.ndarray:
         """Any (z, y, x) region of a level, assembled from its blocks."""
@@ -114,8 +155,7 @@ class Pyramid:
             b = self.block(level, t, c, index)
             return b[tuple(slice(r.start - i * ch, r.stop - i * ch) for r, i, ch in zip(region, index, lvl.chunks))]
         out = np.empty([r.stop - r.start for r in region], self.volume.dtype)
-        for index in itertools.product(*ranges):
-            b = self.block(level, t, c, index)
+        for index, b in self._blocks(level, t, c, list(itertools.product(*ranges))):
             lo = [i * ch for i, ch in zip(index, lvl.chunks)]
             dst = tuple(slice(max(r.start, o) - r.start, min(r.stop, o + n) - r.start)
                         for r, o, n in zip(region, lo, b.shape))
@@ -123,12 +163,30 @@ class Pyramid:
             out[dst] = b[src]
         return out
 
+    def _blocks(self, level: int, t: int, c: int, indices: list) -> list[tuple[tuple, np.ndarray]]:
+        """(index, block) of many blocks, spread over the workers: one task per slab on a native
+        level, so that no two workers read the same source bytes, one per block otherwise."""
+        groups: dict[tuple, list] = {}
+        native = self.levels[level].native is not None
+        for index in indices:
+            groups.setdefault(tuple(r.start for r in self.slab(level, index)) if native else index, []).append(index)
+        done = self.workers.map(lambda group: [(i, self.block(level, t, c, i)) for i in group], groups.values())
+        return [pair for group in done for pair in group]
+
     def dask_array(self, level: int) -> da.Array:
         """Level `level` as a lazy (t, c, z, y, x) dask array chunked like the served chunks."""
         lvl = self.levels[level]
         view = _LevelView(self, level)
         name = f"bil-{'-'.join(map(str, self.key))}-{level}"
         return da.from_array(view, chunks=(1, 1, *lvl.chunks), name=name, fancy=False, asarray=True)
+
+
+def _frozen(data: np.ndarray, dtype: np.dtype, copy: bool = False) -> np.ndarray:
+    """A block as the cache keeps it: contiguous, read-only, and (with `copy`) not a view that
+    would keep a whole slab alive while the cache counts one block."""
+    data = np.array(data, dtype=dtype, order="C", copy=True) if copy else np.ascontiguousarray(data, dtype)
+    data.flags.writeable = False
+    return data
 
 
 class _LevelView:

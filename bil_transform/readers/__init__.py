@@ -6,6 +6,7 @@ import glob
 from collections.abc import Callable
 from pathlib import Path
 
+from ..cache import Section
 from .base import Channel, NativeLevel, Reader, Region, SourceError, Volume
 from .imaris import ImarisReader, is_hdf5
 from .jpeg2000 import JPEG2000_SLICES, is_jpeg2000
@@ -23,17 +24,21 @@ def _is_tiff_file(path: Path) -> bool:
         return f.read(4) in TIFF_MAGIC
 
 
-def _one_jpeg2000(path: Path) -> Reader:
-    return SliceStackReader(path, StackLayout(JPEG2000_SLICES, [(path.stem, [path])]))
+def _one_jpeg2000(path: Path, segments: Section | None = None) -> Reader:
+    return SliceStackReader(path, StackLayout(JPEG2000_SLICES, [(path.stem, [path])]), segments)
 
 
-# (format name, does this path look like it, how to open it). First match wins.
-REGISTRY: list[tuple[str, Callable[[Path], bool], Callable[[Path], Reader]]] = [
+def _stack(path: Path, segments: Section | None = None) -> Reader:
+    return SliceStackReader(path, segments=segments)
+
+
+# (format name, does this path look like it, how to open it with a segments cache). First match wins.
+REGISTRY: list[tuple[str, Callable[[Path], bool], Callable[[Path, Section | None], Reader]]] = [
     ("zarr", is_zarr, ZarrReader),
     ("tiff", _is_tiff_file, TiffFileReader),
     ("jpeg2000", is_jpeg2000, _one_jpeg2000),
     ("imaris", is_hdf5, ImarisReader),
-    ("slice-stack", lambda p: stack_layout(p) is not None, SliceStackReader),
+    ("slice-stack", lambda p: stack_layout(p) is not None, _stack),
 ]
 
 
@@ -53,14 +58,16 @@ def _contents(p: Path) -> str:
     return "a glob that matches no TIFF or JPEG2000 slices"
 
 
-def open_source(path: str | Path) -> Reader:
-    """Open any supported source, or raise SourceError saying why the path is not one."""
+def open_source(path: str | Path, segments: Section | None = None) -> Reader:
+    """Open any supported source, or raise SourceError saying why the path is not one.
+    `segments` keeps decoded source segments that serve several requests (strips, tiles,
+    JPEG2000 windows, HDF5 chunks); without it each is decoded whenever it is needed."""
     p = Path(path).expanduser()
     if not p.exists() and not (is_glob(p) and glob.glob(str(p))):
         raise SourceError(f"{p}: no such file or directory")
     for _name, detect, factory in REGISTRY:
         if detect(p):
-            return factory(p)
+            return factory(p, segments)
     raise SourceError(f"{p}: not a supported source: {_contents(p)}")
 
 

@@ -13,14 +13,7 @@ from typing import Protocol
 
 import numpy as np
 
-from ..cache import ChunkCache
-
 Region = tuple[slice, slice, slice]  # z, y, x; start/stop always set, step 1
-
-
-# Decoded source segments (compressed TIFF strips, JPEG2000 windows) that are larger than the
-# regions asking for them: kept so each is decoded once, not once per chunk it serves.
-DECODED = ChunkCache(256 * 2**20)
 
 
 class SourceError(Exception):

@@ -17,8 +17,8 @@ import hdf5plugin  # noqa: F401 - registers the LZ4 filter (32004) that Imaris 9
 import imagecodecs
 import numpy as np
 
+from ..cache import Section, uncached
 from .base import (
-    DECODED,
     Channel,
     NativeLevel,
     Region,
@@ -60,8 +60,9 @@ def _numbered(group: h5py.Group, prefix: str) -> list[int]:
 
 
 class ImarisReader:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, segments: Section | None = None):
         self.path = Path(path)
+        self.segments = segments or uncached("segments")
         self._local = threading.local()
         self._pipelines: dict[str, list[int] | None] = {}  # per Data path, read once at open
         try:
@@ -192,7 +193,7 @@ class ImarisReader:
             for chunk, part in grid_cells(region, data.chunks, data.shape):
                 origin = tuple(s.start for s in chunk)
                 fetch = functools.partial(_decode, data, origin, pipeline)
-                block = fetch() if part == chunk else DECODED.get_or_compute(
+                block = fetch() if part == chunk else self.segments.get_or_compute(
                     (str(self.path), self.volume.version, name, origin), fetch)
                 out[within(part, region)] = block[within(part, chunk)]
             return out

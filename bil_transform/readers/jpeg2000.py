@@ -2,7 +2,7 @@
 
 OpenJPEG (through glymur) decodes an area at a reduction directly, so a coarse level costs a
 fraction of a full decode. A request decodes aligned windows of WINDOW x WINDOW voxels of its
-level; a window larger than the request is kept in DECODED for the neighbouring chunks.
+level; a window larger than the request is kept in the segments cache for the neighbouring chunks.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from pathlib import Path
 import glymur
 import numpy as np
 
-from .base import DECODED, SourceError, grid_cells, within
-from .slices import SliceInfo, reduced
+from .base import SourceError, grid_cells, within
+from .slices import SliceFile, SliceInfo, reduced
 
 SUFFIXES = (".jp2", ".j2k", ".j2c", ".jpc", ".jpx", ".jpf")
 MAGIC = (b"\x00\x00\x00\x0cjP  \r\n\x87\n", b"\xff\x4f\xff\x51")  # JP2 signature box, raw codestream SOC+SIZ
@@ -55,8 +55,7 @@ class Jpeg2000Slices:
     def block(self, jp2: glymur.Jp2k) -> tuple[int, int]:
         return min(WINDOW, jp2.shape[0]), min(WINDOW, jp2.shape[1])
 
-    def read(self, jp2: glymur.Jp2k, path: Path, level: int, ys: slice, xs: slice, sample: int,
-             version: str) -> np.ndarray:
+    def read(self, jp2: glymur.Jp2k, where: SliceFile, level: int, ys: slice, xs: slice, sample: int) -> np.ndarray:
         height, width = (reduced(n, level) for n in jp2.shape[:2])
         out = np.empty((ys.stop - ys.start, xs.stop - xs.start), _dtype(jp2))
         for win, part in grid_cells((ys, xs), (WINDOW, WINDOW), (height, width)):
@@ -64,7 +63,8 @@ class Jpeg2000Slices:
             if part == win:
                 data = decode()
             else:
-                data = DECODED.get_or_compute((str(path), version, level, win[0].start, win[1].start), decode)
+                key = (str(where.path), where.version, level, win[0].start, win[1].start)
+                data = where.segments.get_or_compute(key, decode)
             data = data[within(part, win)]
             out[within(part, (ys, xs))] = data[..., sample] if data.ndim == 3 else data
         return out

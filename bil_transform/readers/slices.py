@@ -1,7 +1,8 @@
 """Slice stacks: one 2-D file per z (TIFF or JPEG2000), in a directory, a glob, or one directory per channel.
 
 Only the first slice is opened up front. Every other slice is opened, and checked against
-the first, when a region first touches it; its parsed header is then kept (LRU).
+the first, when a region first touches it; its parsed header is then kept (LRU), and so is
+an open handle to it (a smaller LRU: a slab of 64 slices reads each of them once).
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ import threading
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol
 
 import numpy as np
 from cachetools import LRUCache
 
+from ..cache import Section, uncached
 from .base import (
     Channel,
     NativeLevel,
@@ -31,6 +33,39 @@ from .base import (
 )
 
 PARSED_SLICES = 4096  # parsed slice headers kept per stack (a few KB each)
+OPEN_SLICES = 256  # slice files kept open per stack (well under the usual limit of 1024 descriptors)
+
+
+class OpenFiles:
+    """A bounded LRU of open files, read with os.pread so threads can share them. An evicted
+    file closes when the last reader lets go of it (reference counting), never under a reader."""
+
+    def __init__(self, size: int):
+        self._files: LRUCache = LRUCache(maxsize=size)
+        self._lock = threading.Lock()
+
+    def get(self, path: Path) -> BinaryIO:
+        with self._lock:
+            fh = self._files.get(path)
+        if fh is None:
+            fh = open(path, "rb", buffering=0)  # noqa: SIM115 - closed when the LRU and readers drop it
+            with self._lock:
+                fh = self._files.setdefault(path, fh)
+        return fh
+
+
+@dataclass(frozen=True)
+class SliceFile:
+    """One slice file as a read sees it: where it is, which version, an open handle to it where
+    the format reads the file itself, and the cache for decoded segments larger than a request."""
+
+    path: Path
+    version: str
+    files: OpenFiles
+    segments: Section
+
+    def handle(self) -> BinaryIO:
+        return self.files.get(self.path)
 
 
 @dataclass(frozen=True)
@@ -60,8 +95,7 @@ class SliceFormat(Protocol):
     def block(self, header: Any) -> tuple[int, int]:
         """The slice's natural read unit (rows, columns): a strip, tile or decode window."""
 
-    def read(self, header: Any, path: Path, level: int, ys: slice, xs: slice, sample: int,
-             version: str) -> np.ndarray:
+    def read(self, header: Any, where: SliceFile, level: int, ys: slice, xs: slice, sample: int) -> np.ndarray:
         """Rows ys and columns xs of one sample of the slice, at native 2x reduction `level`."""
 
 
@@ -154,8 +188,9 @@ def stack_layout(path: Path) -> StackLayout | None:
 class SliceStackReader:
     """Channels x z slices; samples of multi-sample slices (RGB) become channels too."""
 
-    def __init__(self, path: Path | str, layout: StackLayout | None = None):
+    def __init__(self, path: Path | str, layout: StackLayout | None = None, segments: Section | None = None):
         path = Path(path)
+        self.segments = segments or uncached("segments")
         layout = layout or stack_layout(path)
         if layout is None:
             raise SourceError(f"{path}: no TIFF or JPEG2000 slices found")
@@ -187,6 +222,7 @@ class SliceStackReader:
         )
         self._headers: LRUCache = LRUCache(maxsize=PARSED_SLICES)
         self._headers[first] = header
+        self._open = OpenFiles(OPEN_SLICES)
         self._lock = threading.Lock()
 
     def _header(self, f: Path):
@@ -209,7 +245,8 @@ class SliceStackReader:
         for i, f in enumerate(self._files[channel][zs]):
             header = self._header(f)
             try:
-                out[i] = self.format.read(header, f, level, ys, xs, sample, self.volume.version)
+                where = SliceFile(f, self.volume.version, self._open, self.segments)
+                out[i] = self.format.read(header, where, level, ys, xs, sample)
             except SourceError:
                 raise
             except Exception as exc:

@@ -7,6 +7,7 @@ the file offsets tifffile parses.
 from __future__ import annotations
 
 import functools
+import os
 import threading
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -15,8 +16,8 @@ from typing import BinaryIO
 import numpy as np
 import tifffile
 
+from ..cache import Section, uncached
 from .base import (
-    DECODED,
     Channel,
     NativeLevel,
     Region,
@@ -28,7 +29,7 @@ from .base import (
     version_token,
     within,
 )
-from .slices import SliceInfo
+from .slices import SliceFile, SliceInfo
 
 TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8", ".ome.tif", ".ome.tiff")
 UM_PER_UNIT = {
@@ -37,13 +38,15 @@ UM_PER_UNIT = {
 }
 
 
-def read_page_region(page, fh: BinaryIO, name: str, ys: slice, xs: slice, sample: int, version: str) -> np.ndarray:
+def read_page_region(page, fh: BinaryIO, name: str, ys: slice, xs: slice, sample: int, version: str,
+                     segments: Section) -> np.ndarray:
     """Decode the strips/tiles of one page that overlap rows `ys` and columns `xs`.
 
     Uncompressed segments are read by row range: a single-strip plane costs the rows a
     region needs, not the whole plane. Compressed segments are decoded whole, and kept in
-    DECODED when the region uses only part of one. `name` is the file's path, for messages
-    and cache keys; `version` keys cached segments to the file's state.
+    `segments` when the region uses only part of one. `name` is the file's path, for messages
+    and cache keys; `version` keys cached segments to the file's state. `fh` is read with
+    os.pread only, so threads may share it.
     """
     key = page.keyframe
     out = np.zeros((ys.stop - ys.start, xs.stop - xs.start), key.dtype)
@@ -66,10 +69,17 @@ def read_page_region(page, fh: BinaryIO, name: str, ys: slice, xs: slice, sample
             win = (rows, win[1])
         else:
             args = (key, fh, name, offsets[index], counts[index], index)
-            segment = (_decoded(*args) if part == win else DECODED.get_or_compute(
+            segment = (_decoded(*args) if part == win else segments.get_or_compute(
                 (name, version, offsets[index]), functools.partial(_decoded, *args)))[0]
         out[within(part, (ys, xs))] = segment[:, :, 0 if separate else sample][within(part, win)]
     return out
+
+
+def natural_block(key) -> tuple[int, int]:
+    """The smallest (rows, columns) a read of this page decodes: a strip or tile, or for
+    uncompressed data one row of one."""
+    rows = 1 if _raw_dtype(key) is not None else key.chunks[0]
+    return min(rows, key.imagelength), min(key.chunks[1], key.imagewidth)
 
 
 def _raw_dtype(key) -> np.dtype | None:
@@ -85,8 +95,7 @@ def _raw_rows(fh: BinaryIO, name: str, dtype: np.dtype, offset: int, width: int,
               first: int, stop: int) -> np.ndarray:
     """Rows [first, stop) of an uncompressed segment, as (rows, width, samples)."""
     row_bytes = width * samples * dtype.itemsize
-    fh.seek(offset + first * row_bytes)
-    data = fh.read((stop - first) * row_bytes)
+    data = os.pread(fh.fileno(), (stop - first) * row_bytes, offset + first * row_bytes)
     if len(data) != (stop - first) * row_bytes:
         raise SourceError(f"{name}: file is truncated (image data ends past the end of the file)")
     return np.frombuffer(data, dtype).reshape(stop - first, width, samples)
@@ -94,8 +103,7 @@ def _raw_rows(fh: BinaryIO, name: str, dtype: np.dtype, offset: int, width: int,
 
 def _decoded(key, fh: BinaryIO, name: str, offset: int, count: int, index: int) -> np.ndarray:
     """One compressed segment, decoded whole: (depth, rows, width, samples)."""
-    fh.seek(offset)
-    data = fh.read(count)
+    data = os.pread(fh.fileno(), count, offset)
     if len(data) != count:
         raise SourceError(f"{name}: file is truncated (segment {index} ends past the end)")
     return key.decode(data, index, jpegtables=key.jpegtables)[0]
@@ -179,8 +187,9 @@ def _open(path: Path) -> tifffile.TiffFile:
 class TiffFileReader:
     """One multi-page TIFF: pages are z (and t/c where the series says so); OME SubIFD levels are native."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, segments: Section | None = None):
         self.path = Path(path)
+        self.segments = segments or uncached("segments")
         self._local = threading.local()
         with _open(self.path) as tf:
             series = tf.series[0]
@@ -210,7 +219,7 @@ class TiffFileReader:
                 voxel_size=voxel or (1.0, 1.0, 1.0),
                 voxel_size_known=voxel is not None,
                 native_levels=tuple(levels),
-                block_shape=(1, min(key.chunks[0], y0), min(key.chunks[1], x0)),
+                block_shape=(1, *natural_block(key)),
                 version=version_token([self.path]),
                 files=(str(self.path),),
                 channels=_channels(tf, n_c),
@@ -235,7 +244,7 @@ class TiffFileReader:
             flat = np.ravel_multi_index([index[a] for a in self._lead_axes], self._lead_shape) if self._lead_axes else 0
             try:
                 out[i] = read_page_region(pages[int(flat)], tf.filehandle, str(self.path), ys, xs, sample,
-                                          self.volume.version)
+                                          self.volume.version, self.segments)
             except SourceError:
                 raise
             except Exception as exc:
@@ -263,13 +272,11 @@ class TiffSlices:
                          voxel_size=voxel)
 
     def block(self, header: tuple) -> tuple[int, int]:
-        page, _ = header
-        return min(page.chunks[0], page.imagelength), min(page.chunks[1], page.imagewidth)
+        return natural_block(header[0])
 
-    def read(self, header: tuple, path: Path, level: int, ys: slice, xs: slice, sample: int,
-             version: str) -> np.ndarray:
-        with open(path, "rb") as fh:
-            return read_page_region(header[0], fh, str(path), ys, xs, sample, version)
+    def read(self, header: tuple, where: SliceFile, level: int, ys: slice, xs: slice, sample: int) -> np.ndarray:
+        return read_page_region(header[0], where.handle(), str(where.path), ys, xs, sample, where.version,
+                                where.segments)
 
 
 TIFF_SLICES = TiffSlices()

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from ..cache import Section
 from .base import Channel, NativeLevel, Region, SourceError, Volume, check_region, default_channels, version_token
 from .tiff import UM_PER_UNIT
 
@@ -30,7 +31,7 @@ def _scale_of(dataset: dict) -> list[float] | None:
 
 
 class ZarrReader:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, segments: Section | None = None):  # unused: slabs align with its chunks
         self.path = Path(path)
         try:
             node = zarr.open(str(self.path), mode="r")

@@ -3,6 +3,7 @@ compressor (zarr views: `zarr3-zstd`) or the encoding (precomputed views: `preco
 
 from __future__ import annotations
 
+from ..cache import Section
 from ..pyramid import Pyramid
 from .codecs import COMPRESSORS
 from .omezarr import OmeZarrV2, OmeZarrV3
@@ -26,18 +27,19 @@ def parse_view(name: str) -> tuple[str, str | None]:
     raise KeyError(f"No view {name!r}; the views are {', '.join((*ZARR_FORMATS, *PRECOMPUTED_FORMATS))}")
 
 
-def make_view(pyramid: Pyramid, name: str, *, compression: str, encoding: str | None,
+def make_view(pyramid: Pyramid, name: str, chunks: Section, *, compression: str, encoding: str | None,
               t: int | None = None, channel: int | None = None) -> OmeZarrV2 | OmeZarrV3 | Precomputed:
     """The view called `name`, with the dataset's compression and encoding unless the name picks
-    one. KeyError if there is no such view, ValueError if it cannot hold this data."""
+    one, keeping what it encodes in `chunks`. KeyError if there is no such view, ValueError if
+    it cannot hold this data."""
     fmt, option = parse_view(name)
     if fmt in ZARR_FORMATS:
         if t is not None or channel is not None:
             raise KeyError(f"No view {name!r} of one time point or channel: zarr views hold them all")
         if fmt == "zarr":
-            return OmeZarrV2(pyramid, pyramid.key[0], option or compression)
-        return OmeZarrV3(pyramid, pyramid.key[0], option or compression, sharded=fmt == "zarr3-sharded")
-    return Precomputed(pyramid, option or encoding, t or 0, channel, sharded=fmt == "precomputed-sharded")
+            return OmeZarrV2(pyramid, chunks, pyramid.key[0], option or compression)
+        return OmeZarrV3(pyramid, chunks, pyramid.key[0], option or compression, sharded=fmt == "zarr3-sharded")
+    return Precomputed(pyramid, chunks, option or encoding, t or 0, channel, sharded=fmt == "precomputed-sharded")
 
 
 def precomputed_encodings(pyramid: Pyramid) -> list[str]:

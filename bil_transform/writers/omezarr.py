@@ -1,7 +1,7 @@
 """OME-Zarr: NGFF 0.4 on zarr v2 and NGFF 0.5 on zarr v3 (optionally sharded), padded compressed chunks.
 
-`resource(key)` maps a store key to what produces its bytes; the server caches and serves
-whatever it returns and turns KeyError into 404, ValueError into 400. Both versions encode a
+`resource(key)` maps a store key to its body (resource.py), kept in the `chunks` cache section
+the view is given; the server streams it and turns KeyError into 404, ValueError into 400. Both versions encode a
 chunk to the same bytes (C order, little endian, then the compressor), so they share one
 cache entry, and a v3 shard is assembled from exactly those entries.
 """
@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from ..cache import Section
 from ..pyramid import Pyramid
 from .codecs import Compressor
 from .resource import BINARY, JSON, Resource, to_json
@@ -74,8 +75,8 @@ class _ZarrView:
 
     view: str  # the URL name, which also keys its metadata documents in the cache
 
-    def __init__(self, pyramid: Pyramid, name: str, compression: str = "blosc"):
-        self.pyramid, self.name = pyramid, name
+    def __init__(self, pyramid: Pyramid, chunks: Section, name: str, compression: str = "blosc"):
+        self.pyramid, self.chunks, self.name = pyramid, chunks, name
         self.compressor = Compressor(compression)
         self.dtype = np.dtype(pyramid.volume.dtype)
 
@@ -115,11 +116,11 @@ class _ZarrView:
 
         length = None if self.compressor.codec else int(np.prod(lvl.chunks)) * self.dtype.itemsize
         return Resource(("zarr-chunk", *self.pyramid.key, self.compressor.name, level, t, c, index), produce,
-                        BINARY, length=length)
+                        BINARY, self.chunks, length=length)
 
     def _doc(self, key: str, doc: Callable[[], dict]) -> Resource:
         return Resource((self.view, *self.pyramid.key, self.compressor.name, key), lambda: to_json(doc()), JSON,
-                        compressible=True)
+                        self.chunks, compressible=True)
 
 
 class OmeZarrV2(_ZarrView):
@@ -176,8 +177,9 @@ class OmeZarrV3(_ZarrView):
 
     view = "zarr3"
 
-    def __init__(self, pyramid: Pyramid, name: str, compression: str = "blosc", sharded: bool = False):
-        super().__init__(pyramid, name, compression)
+    def __init__(self, pyramid: Pyramid, chunks: Section, name: str, compression: str = "blosc",
+                 sharded: bool = False):
+        super().__init__(pyramid, chunks, name, compression)
         self.sharded = sharded
         if sharded:
             self.view = "zarr3-sharded"
@@ -227,7 +229,8 @@ class OmeZarrV3(_ZarrView):
             cell = tuple(f + i for f, i in zip(first, inner))
             chunks.append(self.chunk(level, t, c, cell) if all(i < g for i, g in zip(cell, lvl.grid)) else None)
         return Shard(("zarr3-shard", *self.pyramid.key, self.compressor.name, level, t, c, index), tuple(chunks),
-                     zarr_index, zarr_index_length(len(chunks)), index_at_end=True)
+                     zarr_index, zarr_index_length(len(chunks)), index_at_end=True, cache=self.chunks,
+                     workers=self.pyramid.workers)
 
     def resource(self, key: str) -> Resource | Shard:
         if key == "zarr.json":

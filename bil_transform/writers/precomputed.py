@@ -12,6 +12,7 @@ import compressed_segmentation
 import imagecodecs
 import numpy as np
 
+from ..cache import Section
 from ..pyramid import Pyramid
 from .resource import BINARY, JSON, Resource, to_json
 from .sharding import PrecomputedSharding, Shard
@@ -55,15 +56,15 @@ class Precomputed:
     with `sharded`, the `/precomputed-sharded/` view, whose shard files are assembled on request
     from the same cached chunks."""
 
-    def __init__(self, pyramid: Pyramid, encoding: str | None = None, t: int = 0, channel: int | None = None,
-                 sharded: bool = False):
+    def __init__(self, pyramid: Pyramid, chunks: Section, encoding: str | None = None, t: int = 0,
+                 channel: int | None = None, sharded: bool = False):
         vol = pyramid.volume
         self.sharded = sharded
         if not 0 <= t < vol.shape[0]:
             raise KeyError(f"No time point {t}: the dataset has {vol.shape[0]}")
         if channel is not None and not 0 <= channel < vol.shape[1]:
             raise KeyError(f"No channel {channel}: the dataset has {vol.shape[1]}")
-        self.pyramid, self.t = pyramid, t
+        self.pyramid, self.chunks, self.t = pyramid, chunks, t
         self.channels = [channel] if channel is not None else list(range(vol.shape[1]))
         self.dtype = served_dtype(vol.dtype, vol.kind)
         self.encoding = encoding or default_encoding(self.dtype, vol.kind)
@@ -107,7 +108,7 @@ class Precomputed:
         lvl = self.pyramid.levels[level]
         clipped = [min(c, s - i * c) for i, c, s in zip(index, lvl.chunks, lvl.shape)]
         length = int(np.prod(clipped)) * len(self.channels) * self.dtype.itemsize if self.encoding == "raw" else None
-        return Resource((*self._base(), level, index), lambda: self.encode(level, index), BINARY,
+        return Resource((*self._base(), level, index), lambda: self.encode(level, index), BINARY, self.chunks,
                         compressible=self.encoding in ("raw", "compressed_segmentation"), length=length)
 
     def shard(self, level: int, shard: int) -> Shard:
@@ -115,7 +116,8 @@ class Precomputed:
         cells = sharding.cells(shard)
         chunks = tuple(self.chunk(level, sharding.cell(code)[::-1]) for code, _ in cells)
         return Shard((*self._base(), "shard", level, shard), chunks, lambda lengths: sharding.index(cells, lengths),
-                     sharding.index_length(cells), index_at_end=False)
+                     sharding.index_length(cells), index_at_end=False, cache=self.chunks,
+                     workers=self.pyramid.workers)
 
     def _base(self) -> tuple:
         return ("precomputed", *self.pyramid.key, self.encoding, self.t, tuple(self.channels))
@@ -137,7 +139,8 @@ class Precomputed:
 
     def resource(self, key: str) -> Resource | Shard:
         if key == "info":
-            return Resource((*self._base(), self.sharded, key), lambda: to_json(self.info()), JSON, compressible=True)
+            return Resource((*self._base(), self.sharded, key), lambda: to_json(self.info()), JSON, self.chunks,
+                            compressible=True)
         level_name, _, name = key.partition("/")
         if not level_name.isdigit() or int(level_name) >= len(self.pyramid.levels) or "/" in name or not name:
             raise KeyError(key)

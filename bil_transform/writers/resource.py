@@ -1,22 +1,62 @@
-"""What a view hands the server for one key: a cache key and how to produce the bytes."""
+"""What a view hands the server for one key: a body, which the server only streams.
+
+The body contract (`Resource` here, `Shard` in sharding.py): `key` identifies the bytes exactly
+(the ETag comes from it), `length` is the byte length where known without computing anything,
+`size()` computes it otherwise, `read(start, stop)` yields the bytes of that range piece by
+piece (computing only the pieces it covers), and `peek()` returns the whole body if it is at
+hand already, so a warm request never leaves the event loop. `size` and `read` block: the
+server runs them on the workers.
+"""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Hashable
-from dataclasses import dataclass
+from collections.abc import Callable, Hashable, Iterator
+from dataclasses import dataclass, field
+
+import imagecodecs
+
+from ..cache import Section
 
 JSON = "application/json"
 BINARY = "application/octet-stream"
+GZIP_LEVEL = 1  # zlib-ng level 1: 7x faster than gzip level 5 for 0.97x the ratio on 16-bit chunks
 
 
 @dataclass(frozen=True)
 class Resource:
-    key: Hashable  # cache key: identifies the bytes exactly (source version included)
+    """A body made in one piece by `produce` and kept in the `cache` section it is given."""
+
+    key: Hashable  # identifies the bytes exactly (source version included)
     produce: Callable[[], bytes]
     content_type: str
+    cache: Section = field(compare=False, repr=False)
     compressible: bool = False  # worth Content-Encoding: gzip when the client accepts it
     length: int | None = None  # the byte length, where known without producing the bytes
+
+    def peek(self) -> bytes | None:
+        return self.cache.get(self.key)
+
+    def body(self) -> bytes:
+        return self.cache.get_or_compute(self.key, self.produce)
+
+    def size(self) -> int:
+        return self.length if self.length is not None else len(self.body())
+
+    def read(self, start: int, stop: int) -> Iterator[memoryview]:
+        yield memoryview(self.body())[start:stop]
+
+    def gzip_key(self) -> Hashable:
+        return ("gzip", self.key)
+
+    def gzipped(self) -> bytes:
+        """The gzip-encoded body. Only it is kept: a client that accepts gzip never needs the
+        identity bytes, and keeping both would halve what the cache holds."""
+        return self.cache.get_or_compute(self.gzip_key(), lambda: gzip(self.peek() or self.produce()))
+
+
+def gzip(data: bytes) -> bytes:
+    return imagecodecs.gzip_encode(data, level=GZIP_LEVEL)
 
 
 def to_json(doc: dict) -> bytes:

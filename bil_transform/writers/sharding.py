@@ -2,22 +2,26 @@
 
 A shard is never stored. It is described by its chunks (each a Resource, the same one the
 unsharded view serves, or None for a chunk that is not stored) and by an index computed from
-the chunks' lengths. A byte range is served by encoding only the chunks it overlaps; where
-every chunk's length is known in advance (uncompressed zarr, raw precomputed), the index
-needs no chunk encoded either.
+the chunks' lengths. It is a body (see resource.py): a byte range is read by encoding only
+the chunks it overlaps, a few at a time on all workers, and streamed as it is assembled, so
+a reader costs the chunks in flight, not the shard. Where every chunk's length is known in
+advance (uncompressed zarr, raw precomputed), the index needs no chunk encoded either.
 """
 
 from __future__ import annotations
 
+import array
 import functools
 import itertools
-from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from dataclasses import dataclass, field
 
 import crc32c
 import numpy as np
 
-from .resource import Resource
+from ..cache import Section
+from ..workers import Workers
+from .resource import BINARY, Resource
 
 EMPTY = 2**64 - 1  # zarr: an inner chunk that is not stored
 
@@ -29,6 +33,36 @@ class Shard:
     index: Callable[[Sequence[int]], bytes]  # the index, from every chunk's length (0 if not stored)
     index_length: int
     index_at_end: bool
+    cache: Section = field(compare=False, repr=False)  # where the chunks' lengths are kept
+    workers: Workers = field(compare=False, repr=False)
+    content_type = BINARY
+    compressible = False  # Content-Encoding cannot apply to the ranges clients read shards in
+
+    @property
+    def length(self) -> int | None:
+        if any(c is not None and c.length is None for c in self.chunks):
+            return None
+        return self.index_length + sum(c.length for c in self.chunks if c is not None)
+
+    def peek(self) -> None:
+        return None  # assembled only as it is streamed
+
+    def lengths(self) -> list[int]:
+        """Every chunk's encoded length (0 if not stored). Chunks whose length is not known in
+        advance are encoded, on all workers; their lengths are kept, as clients read a shard
+        in many ranges."""
+        unknown = [c for c in self.chunks if c is not None and c.length is None]
+        if not unknown:
+            return [0 if c is None else c.length for c in self.chunks]
+
+        def compute() -> bytes:
+            found = dict(zip((c.key for c in unknown), self.workers.map(lambda c: len(c.body()), unknown)))
+            return array.array("Q", [0 if c is None else c.length or found[c.key] for c in self.chunks]).tobytes()
+
+        return array.array("Q", self.cache.get_or_compute(("shard-lengths", self.key), compute)).tolist()
+
+    def size(self) -> int:
+        return self.index_length + sum(self.lengths())
 
     def segments(self, lengths: Sequence[int]) -> list[tuple[int, int, int | None]]:
         """(offset, length, chunk number, or None for the index) of every part, in file order."""
@@ -36,6 +70,23 @@ class Shard:
         parts.insert(len(parts) if self.index_at_end else 0, (self.index_length, None))
         offsets = itertools.accumulate((n for n, _ in parts), initial=0)
         return [(o, n, i) for o, (n, i) in zip(offsets, parts)]
+
+    def read(self, start: int, stop: int) -> Iterator[memoryview]:
+        """Bytes [start, stop), in pieces; chunks not at hand are encoded a batch at a time."""
+        lengths = self.lengths()
+        wanted = [s for s in self.segments(lengths) if s[0] < stop and s[0] + s[1] > start]
+        batch = 2 * self.workers.threads
+        for first in range(0, len(wanted), batch):
+            group = wanted[first:first + batch]
+            chunks = [self.chunks[i] for _, _, i in group if i is not None]
+            bodies = {c.key: c.peek() for c in chunks}
+            missing = [c for c in chunks if bodies[c.key] is None]
+            bodies.update(zip((c.key for c in missing), self.workers.map(Resource.body, missing)))
+            for offset, length, i in group:
+                data = self.index(lengths) if i is None else bodies[self.chunks[i].key]
+                if len(data) != length:
+                    raise RuntimeError(f"shard part {i} is {len(data)} bytes, not the {length} its index says")
+                yield memoryview(data)[max(0, start - offset):stop - offset]
 
 
 def zarr_index(lengths: Sequence[int]) -> bytes:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import imagecodecs
 import numpy as np
 
+from ..cache import Section
 from ..pyramid import Pyramid
 from .resource import Resource
 
@@ -46,5 +47,5 @@ def render(pyramid: Pyramid) -> bytes:
     return imagecodecs.png_encode((np.clip(rgb, 0, 1) * 255).astype(np.uint8))
 
 
-def thumbnail(pyramid: Pyramid) -> Resource:
-    return Resource(("thumbnail", *pyramid.key), lambda: render(pyramid), "image/png")
+def thumbnail(pyramid: Pyramid, cache: Section) -> Resource:
+    return Resource(("thumbnail", *pyramid.key), lambda: render(pyramid), "image/png", cache)
