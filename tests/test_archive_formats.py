@@ -23,6 +23,7 @@ from imaris_writer import write_ims
 from neuroglancer_browser import Browser, check_exchanges, voxels_under_pixels
 from PIL import Image
 
+from bil_transform.cache import Cache
 from bil_transform.readers import open_source
 
 rng = np.random.default_rng(11)
@@ -308,7 +309,8 @@ class DecodeLog:
 def test_a_region_decodes_only_what_it_needs(archive, monkeypatch):
     _, root, _ = archive
     log = DecodeLog(monkeypatch)
-    reader = open_source(root / "jp2")
+    segments = Cache(2**28).section("segments")  # what the server hands its readers
+    reader = open_source(root / "jp2", segments)
     assert log.jp2 == []  # opening parses one header and decodes nothing
     block = reader.read(1, 0, 1, (slice(2, 5), slice(10, 40), slice(20, 60)))
     # three slices of channel 1, each decoded once, at reduction 1 (every 2nd full-resolution voxel)
@@ -318,7 +320,7 @@ def test_a_region_decodes_only_what_it_needs(archive, monkeypatch):
     reader.read(1, 0, 1, (slice(2, 5), slice(40, 70), slice(60, 100)))  # same decode windows: kept
     assert len(log.jp2) == 3
 
-    reader = open_source(root / "brain.ims")
+    reader = open_source(root / "brain.ims", segments)
     region = (slice(1, 3), slice(10, 20), slice(40, 50))
     got = reader.read(0, 1, 1, region)
     # chunks are (2, 16, 32): z 0-1 and 2-3, y 0-15 and 16-31, x 32-63

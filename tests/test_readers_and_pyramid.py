@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -11,7 +12,7 @@ import pytest
 import tifffile
 from reference import downsample_mean, downsample_mode
 
-from bil_transform.cache import ChunkCache
+from bil_transform.cache import Cache
 from bil_transform.catalog import Dataset, DatasetSpec
 from bil_transform.demo import DEMO_VOXEL, make_demo
 from bil_transform.pyramid.downsample import mean, mode
@@ -101,7 +102,7 @@ def test_strip_file_decodes_only_overlapping_strips(tmp_path, monkeypatch):
 def test_compressed_plane_is_decoded_once_for_many_regions(tmp_path, monkeypatch):
     data = np.random.default_rng(7).integers(0, 255, (1, 256, 256), np.uint8)
     tifffile.imwrite(tmp_path / "z.tif", data, rowsperstrip=256, compression="zlib", photometric="minisblack")
-    reader = open_source(tmp_path / "z.tif")
+    reader = open_source(tmp_path / "z.tif", Cache(2**20).section("segments"))
     count = Counter(monkeypatch)
     for y, x in [(0, 0), (0, 128), (128, 0), (128, 128)]:
         region = (slice(0, 1), slice(y, y + 128), slice(x, x + 128))
@@ -116,8 +117,8 @@ def test_uncompressed_plane_reads_only_the_rows_a_region_needs(tmp_path, monkeyp
     region = (slice(1, 2), slice(100, 164), slice(200, 264))
     np.testing.assert_array_equal(reader.read(0, 0, 0, region), data[region])  # opens the thread's handle
     read_sizes = []
-    original = tifffile.FileHandle.read
-    monkeypatch.setattr(tifffile.FileHandle, "read", lambda self, n=-1: read_sizes.append(n) or original(self, n))
+    original = os.pread
+    monkeypatch.setattr(os, "pread", lambda fd, n, offset: read_sizes.append(n) or original(fd, n, offset))
     np.testing.assert_array_equal(reader.read(0, 0, 0, region), data[region])
     assert read_sizes == [64 * 500 * 2]  # 64 whole rows, not the 1 MB plane
 
@@ -157,7 +158,7 @@ def test_mode_matches_reference_with_ties_and_edges():
 
 
 def _dataset(path, **spec) -> Dataset:
-    ds = Dataset(DatasetSpec(id="d", path=str(path), **spec), ChunkCache(2**28))
+    ds = Dataset(DatasetSpec(id="d", path=str(path), **spec), Cache(2**28))
     assert ds.error is None, ds.error
     return ds
 
@@ -200,14 +201,14 @@ def test_concurrent_requests_for_one_block_compute_it_once(tmp_path):
     for t in threads:
         t.join()
     assert len(calls) == 1
-    assert ds.pyramid.cache.stats()["misses"] == 1 and ds.pyramid.cache.stats()["hits"] == 0
+    assert ds.pyramid.blocks.stats()["misses"] == 1 and ds.pyramid.blocks.stats()["hits"] == 0
 
 
 def test_cache_stays_within_its_byte_budget():
-    cache = ChunkCache(1000)
+    cache = Cache(1000)
     for i in range(50):
-        cache.get_or_compute(i, lambda: b"x" * 100)
-    stats = cache.stats()
+        cache.section("a" if i % 2 else "b").get_or_compute(i, lambda: b"x" * 100)
+    stats = cache.stats()["all"]
     assert stats["bytes"] <= 1000 and stats["entries"] == 10 and stats["evictions"] == 40
 
 
