@@ -165,7 +165,7 @@ async def _serve(request: web.Request, body: Any) -> web.StreamResponse:
     if _if_none_match(request, headers["ETag"]):
         return web.Response(status=304, headers=headers)
     if gzipped:
-        data = request.app[CHUNKS].get(body.gzip_key()) or await _in_pool(request, body.gzipped)
+        data = body.peek_gzipped() or await _in_pool(request, body.gzipped)
         return web.Response(body=data, content_type=body.content_type,
                             headers={**headers, "Content-Encoding": "gzip"})
 

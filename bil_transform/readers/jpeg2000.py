@@ -55,9 +55,9 @@ class Jpeg2000Slices:
     def block(self, jp2: glymur.Jp2k) -> tuple[int, int]:
         return min(WINDOW, jp2.shape[0]), min(WINDOW, jp2.shape[1])
 
-    def read(self, jp2: glymur.Jp2k, where: SliceFile, level: int, ys: slice, xs: slice, sample: int) -> np.ndarray:
+    def read(self, jp2: glymur.Jp2k, where: SliceFile, level: int, ys: slice, xs: slice, sample: int,
+             out: np.ndarray) -> None:
         height, width = (reduced(n, level) for n in jp2.shape[:2])
-        out = np.empty((ys.stop - ys.start, xs.stop - xs.start), _dtype(jp2))
         for win, part in grid_cells((ys, xs), (WINDOW, WINDOW), (height, width)):
             decode = functools.partial(_decode, jp2, level, win)
             if part == win:
@@ -67,7 +67,6 @@ class Jpeg2000Slices:
                 data = where.segments.get_or_compute(key, decode)
             data = data[within(part, win)]
             out[within(part, (ys, xs))] = data[..., sample] if data.ndim == 3 else data
-        return out
 
 
 def _dtype(jp2: glymur.Jp2k) -> np.dtype:

@@ -95,8 +95,10 @@ class SliceFormat(Protocol):
     def block(self, header: Any) -> tuple[int, int]:
         """The slice's natural read unit (rows, columns): a strip, tile or decode window."""
 
-    def read(self, header: Any, where: SliceFile, level: int, ys: slice, xs: slice, sample: int) -> np.ndarray:
-        """Rows ys and columns xs of one sample of the slice, at native 2x reduction `level`."""
+    def read(self, header: Any, where: SliceFile, level: int, ys: slice, xs: slice, sample: int,
+             out: np.ndarray) -> None:
+        """Rows ys and columns xs of one sample of the slice, at native 2x reduction `level`,
+        written into `out` (a plane of the caller's block)."""
 
 
 def _formats() -> list[SliceFormat]:
@@ -246,7 +248,7 @@ class SliceStackReader:
             header = self._header(f)
             try:
                 where = SliceFile(f, self.volume.version, self._open, self.segments)
-                out[i] = self.format.read(header, where, level, ys, xs, sample)
+                self.format.read(header, where, level, ys, xs, sample, out[i])
             except SourceError:
                 raise
             except Exception as exc:

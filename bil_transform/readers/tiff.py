@@ -39,17 +39,19 @@ UM_PER_UNIT = {
 
 
 def read_page_region(page, fh: BinaryIO, name: str, ys: slice, xs: slice, sample: int, version: str,
-                     segments: Section) -> np.ndarray:
-    """Decode the strips/tiles of one page that overlap rows `ys` and columns `xs`.
+                     segments: Section, out: np.ndarray | None = None) -> np.ndarray:
+    """Decode the strips/tiles of one page that overlap rows `ys` and columns `xs`, into `out`
+    if given (a plane of the caller's block, so nothing is copied twice).
 
     Uncompressed segments are read by row range: a single-strip plane costs the rows a
-    region needs, not the whole plane. Compressed segments are decoded whole, and kept in
-    `segments` when the region uses only part of one. `name` is the file's path, for messages
-    and cache keys; `version` keys cached segments to the file's state. `fh` is read with
-    os.pread only, so threads may share it.
+    region needs, not the whole plane, and full-width rows go straight into `out`. Compressed
+    segments are decoded whole, and kept in `segments` when the region uses only part of one.
+    `name` is the file's path, for messages and cache keys; `version` keys cached segments to
+    the file's state. `fh` is read with os.pread only, so threads may share it.
     """
     key = page.keyframe
-    out = np.zeros((ys.stop - ys.start, xs.stop - xs.start), key.dtype)
+    if out is None:
+        out = np.empty((ys.stop - ys.start, xs.stop - xs.start), key.dtype)
     if out.size == 0:
         return out
     seg_h, seg_w = key.chunks[0], key.chunks[1]
@@ -60,18 +62,24 @@ def read_page_region(page, fh: BinaryIO, name: str, ys: slice, xs: slice, sample
     offsets, counts = page.dataoffsets, page.databytecounts
     for win, part in grid_cells((ys, xs), (seg_h, seg_w), (key.imagelength, key.imagewidth)):
         index = plane + win[0].start // seg_h * n_cols + win[1].start // seg_w
+        dest = out[within(part, (ys, xs))]
         if counts[index] == 0:
-            continue  # sparse segment: fill value
+            dest[...] = 0  # sparse segment: fill value
+            continue
         if raw is not None:  # only the rows the region needs
             rows = slice(part[0].start, part[0].stop)
-            segment = _raw_rows(fh, name, raw, offsets[index], seg_w, 1 if separate else key.samplesperpixel,
-                                rows.start - win[0].start, rows.stop - win[0].start)
+            samples = 1 if separate else key.samplesperpixel
+            direct = samples == 1 and part[1] == win[1] == xs and raw == out.dtype and dest.flags.c_contiguous
+            segment = _raw_rows(fh, name, raw, offsets[index], seg_w, samples, rows.start - win[0].start,
+                                rows.stop - win[0].start, into=dest if direct else None)
+            if direct:
+                continue
             win = (rows, win[1])
         else:
             args = (key, fh, name, offsets[index], counts[index], index)
             segment = (_decoded(*args) if part == win else segments.get_or_compute(
                 (name, version, offsets[index]), functools.partial(_decoded, *args)))[0]
-        out[within(part, (ys, xs))] = segment[:, :, 0 if separate else sample][within(part, win)]
+        dest[...] = segment[:, :, 0 if separate else sample][within(part, win)]
     return out
 
 
@@ -92,13 +100,15 @@ def _raw_dtype(key) -> np.dtype | None:
 
 
 def _raw_rows(fh: BinaryIO, name: str, dtype: np.dtype, offset: int, width: int, samples: int,
-              first: int, stop: int) -> np.ndarray:
-    """Rows [first, stop) of an uncompressed segment, as (rows, width, samples)."""
+              first: int, stop: int, into: np.ndarray | None = None) -> np.ndarray:
+    """Rows [first, stop) of an uncompressed segment, as (rows, width, samples), read into
+    `into` (contiguous, exactly those bytes) if given."""
     row_bytes = width * samples * dtype.itemsize
-    data = os.pread(fh.fileno(), (stop - first) * row_bytes, offset + first * row_bytes)
-    if len(data) != (stop - first) * row_bytes:
+    size, start = (stop - first) * row_bytes, offset + first * row_bytes
+    data = os.pread(fh.fileno(), size, start) if into is None else None
+    if (len(data) if into is None else os.preadv(fh.fileno(), [memoryview(into).cast("B")], start)) != size:
         raise SourceError(f"{name}: file is truncated (image data ends past the end of the file)")
-    return np.frombuffer(data, dtype).reshape(stop - first, width, samples)
+    return into if into is not None else np.frombuffer(data, dtype).reshape(stop - first, width, samples)
 
 
 def _decoded(key, fh: BinaryIO, name: str, offset: int, count: int, index: int) -> np.ndarray:
@@ -243,8 +253,8 @@ class TiffFileReader:
             index = {"t": t, "c": c_axis, "z": z}
             flat = np.ravel_multi_index([index[a] for a in self._lead_axes], self._lead_shape) if self._lead_axes else 0
             try:
-                out[i] = read_page_region(pages[int(flat)], tf.filehandle, str(self.path), ys, xs, sample,
-                                          self.volume.version, self.segments)
+                read_page_region(pages[int(flat)], tf.filehandle, str(self.path), ys, xs, sample,
+                                 self.volume.version, self.segments, out[i])
             except SourceError:
                 raise
             except Exception as exc:
@@ -274,9 +284,10 @@ class TiffSlices:
     def block(self, header: tuple) -> tuple[int, int]:
         return natural_block(header[0])
 
-    def read(self, header: tuple, where: SliceFile, level: int, ys: slice, xs: slice, sample: int) -> np.ndarray:
-        return read_page_region(header[0], where.handle(), str(where.path), ys, xs, sample, where.version,
-                                where.segments)
+    def read(self, header: tuple, where: SliceFile, level: int, ys: slice, xs: slice, sample: int,
+             out: np.ndarray) -> None:
+        read_page_region(header[0], where.handle(), str(where.path), ys, xs, sample, where.version,
+                         where.segments, out)
 
 
 TIFF_SLICES = TiffSlices()

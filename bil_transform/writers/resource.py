@@ -4,7 +4,8 @@ The body contract (`Resource` here, `Shard` in sharding.py): `key` identifies th
 (the ETag comes from it), `length` is the byte length where known without computing anything,
 `size()` computes it otherwise, `read(start, stop)` yields the bytes of that range piece by
 piece (computing only the pieces it covers), and `peek()` returns the whole body if it is at
-hand already, so a warm request never leaves the event loop. `size` and `read` block: the
+hand already, so a warm request never leaves the event loop. A `compressible` body also has
+`gzipped()` and `peek_gzipped()`. `size` and `read` block: the
 server runs them on the workers.
 """
 
@@ -46,13 +47,13 @@ class Resource:
     def read(self, start: int, stop: int) -> Iterator[memoryview]:
         yield memoryview(self.body())[start:stop]
 
-    def gzip_key(self) -> Hashable:
-        return ("gzip", self.key)
+    def peek_gzipped(self) -> bytes | None:
+        return self.cache.get(("gzip", self.key))
 
     def gzipped(self) -> bytes:
         """The gzip-encoded body. Only it is kept: a client that accepts gzip never needs the
         identity bytes, and keeping both would halve what the cache holds."""
-        return self.cache.get_or_compute(self.gzip_key(), lambda: gzip(self.peek() or self.produce()))
+        return self.cache.get_or_compute(("gzip", self.key), lambda: gzip(self.peek() or self.produce()))
 
 
 def gzip(data: bytes) -> bytes:
