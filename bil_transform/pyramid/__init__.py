@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import dask.array as da
@@ -110,9 +111,21 @@ class Pyramid:
             key = ("slab", *self.key, level, t, c, tuple(r.start for r in slab))
             return self.blocks.get_or_compute(key, lambda: self._read_slab(level, t, c, slab), keep=False)[index]
         region = self._region(level, index)
-        parent = self.levels[level - 1].shape
-        src = tuple(slice(r.start * f, min(r.stop * f, p)) for r, f, p in zip(region, lvl.step, parent))
-        return _frozen(METHODS[self.method](self.read(level - 1, t, c, src), lvl.step), self.volume.dtype)
+        parent = self.levels[level - 1]
+        src = tuple(slice(r.start * f, min(r.stop * f, p)) for r, f, p in zip(region, lvl.step, parent.shape))
+        reduce = METHODS[self.method]
+        if any(ch % f for ch, f in zip(parent.chunks, lvl.step)):  # windows straddle parent blocks
+            return _frozen(reduce(self.read(level - 1, t, c, src), lvl.step), self.volume.dtype)
+        # Every window lies in one parent block: reduce each where it is computed, on its worker,
+        # and place the results, instead of first assembling the parents' whole region.
+        out = np.empty([r.stop - r.start for r in region], self.volume.dtype)
+        ranges = [range(s.start // ch, (s.stop - 1) // ch + 1) for s, ch in zip(src, parent.chunks)]
+        for pindex, part in self._blocks(level - 1, t, c, list(itertools.product(*ranges)),
+                                         lambda b: reduce(b, lvl.step)):
+            at = [i * ch // f - r.start for i, ch, f, r in zip(pindex, parent.chunks, lvl.step, region)]
+            out[tuple(slice(a, a + n) for a, n in zip(at, part.shape))] = part
+        out.flags.writeable = False
+        return out
 
     def _region(self, level: int, index: tuple[int, int, int]) -> Region:
         lvl = self.levels[level]
@@ -163,15 +176,21 @@ class Pyramid:
             out[dst] = b[src]
         return out
 
-    def _blocks(self, level: int, t: int, c: int, indices: list) -> list[tuple[tuple, np.ndarray]]:
-        """(index, block) of many blocks, spread over the workers: one task per slab on a native
-        level, so that no two workers read the same source bytes, one per block otherwise."""
+    def _blocks(self, level: int, t: int, c: int, indices: list,
+                then: Callable[[np.ndarray], np.ndarray] | None = None) -> list[tuple[tuple, np.ndarray]]:
+        """(index, block, or `then(block)`) of many blocks, spread over the workers: one task per
+        slab on a native level, so that no two workers read the same source bytes, one per block
+        otherwise."""
         groups: dict[tuple, list] = {}
         native = self.levels[level].native is not None
         for index in indices:
             groups.setdefault(tuple(r.start for r in self.slab(level, index)) if native else index, []).append(index)
-        done = self.workers.map(lambda group: [(i, self.block(level, t, c, i)) for i in group], groups.values())
-        return [pair for group in done for pair in group]
+
+        def task(group: list) -> list:
+            return [(i, self.block(level, t, c, i) if then is None else then(self.block(level, t, c, i)))
+                    for i in group]
+
+        return [pair for done in self.workers.map(task, groups.values()) for pair in done]
 
     def dask_array(self, level: int) -> da.Array:
         """Level `level` as a lazy (t, c, z, y, x) dask array chunked like the served chunks."""
