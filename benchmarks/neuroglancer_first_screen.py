@@ -10,7 +10,9 @@ cache) in its default four-panel layout, 800 x 600, with the URL pasted as a per
   warm    the same server again (every chunk the view needs is cached)
   static  aiohttp's static file handler serving the bodies the warm run received
 Times run from opening the page to Neuroglancer reporting every visible chunk drawn (its own
-screenshot-when-ready signal), the best of --repeat. Requests are listed by kind and level.
+screenshot-when-ready signal). Runs are interleaved (each round: cold, warm, static for one view,
+then the other view) and the median of --repeat rounds counts. The static server must return the
+very bytes the server did. Requests are listed by kind and level.
 
 Run: python benchmarks/neuroglancer_first_screen.py [--repeat N] [--data-dir DIR]
 Needs the test extra (neuroglancer, playwright) and Debian's chromium, as the test suite does.
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import statistics
 import sys
 import tempfile
 import urllib.parse
@@ -90,43 +93,71 @@ def mirror(screen: Screen, base: str, root: Path) -> None:
             path.write_bytes(requests.get(e.url, headers={"Accept-Encoding": "identity"}, timeout=60).content)
 
 
+class FirstScreens:
+    """Interleaved first-screen runs of the demo: each `round(view)` gives one cold, warm and static time.
+
+    The first round of a view also lists its requests and mirrors the bodies the warm run received into
+    the static server's root (one static server for every view; it starts on first use)."""
+
+    def __init__(self, stack: contextlib.ExitStack, browser: Browser, catalog: Path, tmp: Path):
+        self.stack, self.browser, self.catalog, self.tmp = stack, browser, catalog, tmp
+        self.static_root = tmp / "static-first-screen"
+        self.static_base: str | None = None
+        self.mirrored: set[str] = set()
+
+    def _static(self, view: str) -> str:
+        if self.static_base is None:
+            port = free_port()
+            ready = "/ds/demo/" + ("precomputed/info" if view == "precomputed" else "zarr/.zattrs")
+            start(self.stack, [sys.executable, "-c", CORS_STATIC_SERVER, str(self.static_root), str(port)], port,
+                  ready, self.tmp / "static.log")
+            self.static_base = f"http://127.0.0.1:{port}"
+        return self.static_base
+
+    def round(self, view: str) -> dict[str, float]:
+        source = VIEWS[view]
+        with contextlib.ExitStack() as server:
+            base = start_server(server, self.catalog, self.tmp / "server.log")
+            cold = open_view(self.browser, source, base)
+            warm = open_view(self.browser, source, base)
+            if view not in self.mirrored:
+                print(f"{view}: {len(cold.exchanges)} requests: {requests_by_kind(cold)}", flush=True)
+                mirror(warm, base, self.static_root)
+                self.mirrored.add(view)
+                static_base = self._static(view)
+                for e in warm.exchanges:  # the baseline must serve the very same bytes
+                    if e.status == 200:
+                        path = urllib.parse.urlsplit(e.url).path
+                        if requests.get(static_base + path, timeout=60).content != (
+                                self.static_root / path.lstrip("/")).read_bytes():
+                            raise AssertionError(f"the static server returned other bytes for {path}")
+        static = open_view(self.browser, source, self._static(view))
+        return {"cold": cold.seconds, "warm": warm.seconds, "static": static.seconds}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeat", type=int, default=3, help="runs of each measurement; the best counts")
+    parser.add_argument("--repeat", type=int, default=3, help="rounds of each measurement; the median counts")
     parser.add_argument("--data-dir", help="where the demo data is kept (default: the demo's own cache)")
     args = parser.parse_args()
     data = make_demo(Path(args.data_dir) if args.data_dir else None)
-    results: dict[str, dict[str, float]] = {}
+    runs: dict[str, dict[str, list[float]]] = {view: collections.defaultdict(list) for view in VIEWS}
     with tempfile.TemporaryDirectory(prefix="bil-ng-") as tmp, contextlib.ExitStack() as stack:
         catalog = Path(tmp) / "catalog.toml"
         catalog.write_text(f'[[datasets]]\nid = "demo"\npath = "{data}"\n')
         browser = Browser()
         stack.callback(browser.close)
-        for view, source in VIEWS.items():
-            times: dict[str, float] = collections.defaultdict(lambda: float("inf"))
-            for run in range(args.repeat):
-                with contextlib.ExitStack() as server:
-                    base = start_server(server, catalog, Path(tmp) / "server.log")
-                    cold = open_view(browser, source, base)
-                    warm = open_view(browser, source, base)
-                    times["cold"], times["warm"] = min(times["cold"], cold.seconds), min(times["warm"], warm.seconds)
-                    if run == 0:
-                        print(f"{view}: {len(cold.exchanges)} requests: {requests_by_kind(cold)}", flush=True)
-                        static_root = Path(tmp) / f"static-{view}"
-                        mirror(warm, base, static_root)
-            port = free_port()
-            with contextlib.ExitStack() as static:
-                start(static, [sys.executable, "-c", CORS_STATIC_SERVER, str(static_root), str(port)], port,
-                      "/ds/demo/" + ("precomputed/info" if view == "precomputed" else "zarr/.zattrs"),
-                      Path(tmp) / "static.log")
-                for _ in range(args.repeat):
-                    times["static"] = min(times["static"], open_view(browser, source, f"http://127.0.0.1:{port}").seconds)
-            results[view] = dict(times)
-            print(f"{view}: first screen cold {times['cold']:.2f} s, warm {times['warm']:.2f} s, "
-                  f"static files {times['static']:.2f} s", flush=True)
-    print("\nfirst screen, seconds (best of", args.repeat, ")")
+        screens = FirstScreens(stack, browser, catalog, Path(tmp))
+        for run in range(args.repeat):
+            for view in VIEWS:
+                for kind, seconds in screens.round(view).items():
+                    runs[view][kind].append(seconds)
+                print(f"round {run + 1} {view}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in runs[view].items()),
+                      flush=True)
+    print(f"\nfirst screen, seconds (median of {args.repeat})")
     print(f"{'view':12s} {'cold':>6s} {'warm':>6s} {'static':>7s} {'cold/static':>12s} {'warm/static':>12s}")
-    for view, t in results.items():
+    for view, r in runs.items():
+        t = {kind: statistics.median(v) for kind, v in r.items()}
         print(f"{view:12s} {t['cold']:6.2f} {t['warm']:6.2f} {t['static']:7.2f} {t['cold'] / t['static']:12.2f} "
               f"{t['warm'] / t['static']:12.2f}")
 

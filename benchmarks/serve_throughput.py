@@ -119,9 +119,9 @@ def make_slices(root: Path, shape: tuple[int, int, int]) -> np.ndarray:
     return volume
 
 
-def chunk_keys(base: str) -> tuple[list[list[str]], list[dict]]:
+def chunk_keys(base: str, dataset: str = DATASET) -> tuple[list[list[str]], list[dict]]:
     """Every chunk key of every level, from the dataset's own metadata."""
-    doc = requests.get(f"{base}/api/datasets/{DATASET}", timeout=30).json()
+    doc = requests.get(f"{base}/api/datasets/{dataset}", timeout=30).json()
     nt, nc = doc["shape"][:2]
     keys = []
     for i, lvl in enumerate(doc["levels"]):
@@ -131,33 +131,44 @@ def chunk_keys(base: str) -> tuple[list[list[str]], list[dict]]:
     return keys, doc["levels"]
 
 
-async def fetch_all(base: str, keys: list[str], concurrency: int, keep: bool = False) -> tuple[
-        float, int, dict[str, bytes]]:
-    """GET /ds/bench/zarr/KEY for every key with `concurrency` requests in flight: seconds, body bytes,
-    and the bodies if `keep`. Timed passes drop each body at once: holding hundreds of MB of fresh
-    bodies makes the client page-fault new memory, which costs more than serving them."""
+async def fetch_urls(urls: list[str], concurrency: int, keep: bool = False, decode=None,
+                     auto_decompress: bool = False) -> tuple[float, int, dict[str, bytes]]:
+    """GET every URL with `concurrency` requests in flight: seconds, body bytes, and the bodies (by URL) if
+    `keep`. `decode(url, body)`, if given, runs on every body inside the timed pass (a client that uses the
+    data). Timed passes drop each body at once: holding hundreds of MB of fresh bodies makes the client
+    page-fault new memory, which costs more than serving them."""
     bodies: dict[str, bytes] = {}
     total = 0
-    queue = list(reversed(keys))
-    timeout = aiohttp.ClientTimeout(total=300)
+    queue = list(reversed(urls))
+    timeout = aiohttp.ClientTimeout(total=600)
 
     async def worker(session: aiohttp.ClientSession) -> None:
         nonlocal total
         while queue:
-            key = queue.pop()
-            async with session.get(f"{base}/ds/{DATASET}/zarr/{key}") as r:
+            url = queue.pop()
+            async with session.get(url) as r:
                 if r.status != 200:
-                    raise RuntimeError(f"GET {key}: HTTP {r.status} {await r.text()}")
+                    raise RuntimeError(f"GET {url}: HTTP {r.status} {await r.text()}")
                 body = await r.read()
             total += len(body)
+            if decode is not None:
+                decode(url, body)
             if keep:
-                bodies[key] = body
+                bodies[url] = body
 
     connector = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False) as session:
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=auto_decompress) as session:
         t0 = time.perf_counter()
         await asyncio.gather(*(worker(session) for _ in range(concurrency)))
         return time.perf_counter() - t0, total, bodies
+
+
+async def fetch_all(base: str, keys: list[str], concurrency: int, keep: bool = False,
+                    root: str = f"/ds/{DATASET}/zarr") -> tuple[float, int, dict[str, bytes]]:
+    """GET base + root/KEY for every key (see fetch_urls); the bodies are keyed by KEY."""
+    prefix = f"{base}{root}/"
+    seconds, total, bodies = await fetch_urls([prefix + k for k in keys], concurrency, keep)
+    return seconds, total, {url.removeprefix(prefix): body for url, body in bodies.items()}
 
 
 def best_of(runs: int, base: str, keys: list[str], concurrency: int) -> float:
