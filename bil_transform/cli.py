@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import re
@@ -52,9 +53,24 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
                    help="worker threads (default: one per core; more for high-latency storage)")
 
 
+def no_huge_pages_for_numpy() -> None:
+    """numpy asks Linux for transparent huge pages on every array of 4 MiB or more. The server
+    reads each source slab into such an array and drops it a moment later, and a fresh huge page
+    can make a worker wait while the kernel compacts memory: the coldest request of the demo
+    took 1.33-1.58 s with them and 1.05-1.16 s without (interleaved runs of benchmarks/run_all.py
+    row 2's request). Cached blocks are far below 4 MiB either way."""
+    for module in ("numpy._core.multiarray", "numpy.core.multiarray"):
+        try:
+            importlib.import_module(module)._set_madvise_hugepage(False)
+            return
+        except (ImportError, AttributeError):
+            continue
+
+
 def run_server(specs: list[DatasetSpec], args: argparse.Namespace) -> None:
     from .server import create_app
 
+    no_huge_pages_for_numpy()
     cache, workers = Cache(args.cache_size), Workers(args.workers)
     datasets = {s.id: Dataset(s, cache, recheck=args.recheck, workers=workers) for s in specs}
     base = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
