@@ -18,6 +18,7 @@ from .catalog import Dataset
 from .readers import SourceError
 from .workers import Workers
 from .writers import make_view
+from .writers.resource import Body
 from .writers.thumbnail import thumbnail
 
 log = logging.getLogger("bil_transform")
@@ -52,7 +53,7 @@ async def _cors(request: web.Request, response: web.StreamResponse) -> None:
 
 
 @web.middleware
-async def errors_and_cors(request: web.Request, handler: Callable) -> web.StreamResponse:
+async def errors_and_preflights(request: web.Request, handler: Callable) -> web.StreamResponse:
     """Every failure is one sentence with the right status. OPTIONS preflights are answered
     here for every path, so routes need not list them."""
     if request.method == "OPTIONS":
@@ -149,7 +150,7 @@ def _if_none_match(request: web.Request, tag: str) -> bool:
     return header.strip() == "*" or tag in (t.strip().removeprefix("W/") for t in header.split(","))
 
 
-async def _serve(request: web.Request, body: Any) -> web.StreamResponse:
+async def _serve(request: web.Request, body: Body) -> web.StreamResponse:
     """A body (writers/resource.py) with a strong ETag, 304, byte ranges (206/416) and HEAD,
     computing no more than the answer needs and streaming what is not at hand in pieces. A
     whole-body GET of a compressible body is gzip-encoded (and kept so) when the client accepts
@@ -272,7 +273,7 @@ async def metrics(request: web.Request) -> web.Response:
 def create_app(datasets: dict[str, Dataset], cache: Cache, workers: Workers,
                viewer: str = pages.DEFAULT_VIEWER) -> web.Application:
     """The app over datasets opened with this cache and these workers (handed to them too)."""
-    app = web.Application(middlewares=[errors_and_cors])
+    app = web.Application(middlewares=[errors_and_preflights])
     app.on_response_prepare.append(_cors)
     app[DATASETS], app[CACHE], app[CHUNKS], app[WORKERS] = datasets, cache, cache.section("chunks"), workers
     app[STATE] = {"queued": 0, "max_queued": workers.threads * 256, "viewer": viewer}

@@ -1,12 +1,6 @@
 """What a view hands the server for one key: a body, which the server only streams.
 
-The body contract (`Resource` here, `Shard` in sharding.py): `key` identifies the bytes exactly
-(the ETag comes from it), `length` is the byte length where known without computing anything,
-`size()` computes it otherwise, `read(start, stop)` yields the bytes of that range piece by
-piece (computing only the pieces it covers), and `peek()` returns the whole body if it is at
-hand already, so a warm request never leaves the event loop. A `compressible` body also has
-`gzipped()` and `peek_gzipped()`. `size` and `read` block: the
-server runs them on the workers.
+The body contract is `Body` below; `Resource` (here) and `Shard` (sharding.py) keep it.
 """
 
 from __future__ import annotations
@@ -14,6 +8,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from isal import igzip
 
@@ -21,9 +16,30 @@ from ..cache import Section
 
 JSON = "application/json"
 BINARY = "application/octet-stream"
-# ISA-L level 1: 1.8 ms for a 64^3 uint16 chunk, against 3.4 ms for zlib-ng level 1 (ratio 0.57 vs 0.55)
-# and 17 ms for zlib level 5, the old choice (benchmarks/gzip_choice.py).
+# ISA-L level 1: 1.8 ms for a 64^3 uint16 chunk, against 3.3 ms for zlib-ng level 1 (ratio 0.57 vs 0.55)
+# and 25 ms for zlib level 5, the old choice (benchmarks/gzip_choice.py).
 GZIP_LEVEL = 1
+
+
+class Body(Protocol):
+    """What the server streams for one key. `size` and `read` may compute, so the server runs
+    them on the workers; `peek` never does, so a warm request never leaves the event loop."""
+
+    key: Hashable  # identifies the bytes exactly (source version included); the ETag comes from it
+    content_type: str
+    compressible: bool  # then it also has gzipped() and peek_gzipped()
+
+    @property
+    def length(self) -> int | None:
+        """The byte length, where known without computing anything."""
+
+    def size(self) -> int: ...
+
+    def peek(self) -> bytes | None:
+        """The whole body if it is at hand already."""
+
+    def read(self, start: int, stop: int) -> Iterator[memoryview]:
+        """Bytes [start, stop) piece by piece, computing only the pieces the range covers."""
 
 
 @dataclass(frozen=True)
