@@ -18,27 +18,10 @@ import timeit
 
 import numpy as np
 
-from bil_transform.pyramid.downsample import mean, mode
+from bil_transform.pyramid.downsample import _counts, _general_mode, _windows, mean, mode
 
-# ---- The old implementation, kept verbatim for comparison (not used by the server). ----
-
-
-def _old_windows(block, factors, fill=0):
-    out = tuple(-(-n // f) for n, f in zip(block.shape, factors))
-    pad = [(0, o * f - n) for o, f, n in zip(out, factors, block.shape)]
-    padded = np.pad(block, pad, constant_values=fill) if any(p for _, p in pad) else block
-    fz, fy, fx = factors
-    w = padded.reshape(out[0], fz, out[1], fy, out[2], fx).transpose(0, 2, 4, 1, 3, 5)
-    return w.reshape(*out, fz * fy * fx), out
-
-
-def _old_counts(shape, factors):
-    per_axis = []
-    for n, f in zip(shape, factors):
-        c = np.full(-(-n // f), f, np.int64)
-        c[-1] = n - f * (len(c) - 1)
-        per_axis.append(c)
-    return per_axis[0][:, None, None] * per_axis[1][None, :, None] * per_axis[2][None, None, :]
+# ---- The old implementation, kept for comparison (not used by the server). Its window helpers
+# and its mode live on in downsample.py as the general path for factors above 2.
 
 
 def old_mean(block, factors):
@@ -46,9 +29,9 @@ def old_mean(block, factors):
         return block
     integer = np.issubdtype(block.dtype, np.integer) and block.dtype.itemsize <= 4
     acc = np.int64 if integer else np.float64
-    w, _ = _old_windows(block, factors)
+    w, _ = _windows(block, factors)
     sums = w.sum(axis=-1, dtype=acc)
-    counts = _old_counts(block.shape, factors)
+    counts = _counts(block.shape, factors)
     if integer:
         return ((2 * sums + counts) // (2 * counts)).astype(block.dtype)
     result = sums / counts
@@ -58,20 +41,7 @@ def old_mean(block, factors):
 
 
 def old_mode(block, factors):
-    if factors == (1, 1, 1):
-        return block
-    w, out = _old_windows(block, factors)
-    valid, _ = _old_windows(np.ones(block.shape, bool), factors, fill=False)
-    k = w.shape[-1]
-    best = w[..., 0].copy()
-    best_count = np.zeros(out, np.int64)
-    for j in range(k):
-        candidate = w[..., j]
-        count = ((w == candidate[..., None]) & valid).sum(axis=-1) * valid[..., j]
-        better = (count > best_count) | ((count == best_count) & (count > 0) & (candidate < best))
-        best = np.where(better, candidate, best)
-        best_count = np.where(better, count, best_count)
-    return best
+    return block if factors == (1, 1, 1) else _general_mode(block, factors)
 
 
 # ---- End of the old implementation. ----
