@@ -105,8 +105,12 @@ def _raw_rows(fh: BinaryIO, name: str, dtype: np.dtype, offset: int, width: int,
     `into` (contiguous, exactly those bytes) if given."""
     row_bytes = width * samples * dtype.itemsize
     size, start = (stop - first) * row_bytes, offset + first * row_bytes
-    data = os.pread(fh.fileno(), size, start) if into is None else None
-    if (len(data) if into is None else os.preadv(fh.fileno(), [memoryview(into).cast("B")], start)) != size:
+    if into is None:
+        data = os.pread(fh.fileno(), size, start)
+        got = len(data)
+    else:
+        got = os.preadv(fh.fileno(), [memoryview(into).cast("B")], start)
+    if got != size:
         raise SourceError(f"{name}: file is truncated (image data ends past the end of the file)")
     return into if into is not None else np.frombuffer(data, dtype).reshape(stop - first, width, samples)
 
