@@ -98,11 +98,6 @@ class Section:
             self.counts["hits"] += 1
             return entry[0]
 
-    def put(self, key: Hashable, value: Any) -> None:
-        """Keep a value computed alongside another (a slab read yields its neighbours' blocks)."""
-        with self.cache._lock:
-            self.cache._store(self, key, value)
-
     def get_or_compute(self, key: Hashable, compute: Callable[[], Any], keep: bool = True) -> Any:
         """The cached value, else compute it once however many threads ask at the same time.
         A failed computation is not cached; every waiter sees its exception. With keep=False

@@ -2,7 +2,8 @@
 
 Every level is a grid of blocks (the serving chunk shape). A native block is read with its
 slab: the neighbouring blocks that share its source rows, tiles or chunks, read in one pass
-and cached together, so each source byte is read once. A synthesized block is computed from
+and cached as one array whose blocks are views, so each source byte is read once and never
+copied to be cut up. A synthesized block is computed from
 the parent level's blocks, which come through the same cache, so walking the whole pyramid
 reads each source voxel once. Parent blocks (and slabs) are spread over the workers: the
 coarsest block, which Neuroglancer asks for first, needs the whole volume below it.
@@ -20,6 +21,7 @@ import numpy as np
 
 from ..cache import Section
 from ..readers import Reader, Region
+from ..readers.base import within
 from ..workers import Workers
 from .downsample import METHODS
 
@@ -94,22 +96,25 @@ class Pyramid:
         return self._windows[c]
 
     def block(self, level: int, t: int, c: int, index: tuple[int, int, int]) -> np.ndarray:
-        """Block `index` of `level`, clipped to the level shape; cached and read-only."""
+        """Block `index` of `level`, clipped to the level shape; cached and read-only. A native
+        block is a view into its cached slab."""
         lvl = self.levels[level]
         if not all(0 <= i < g for i, g in zip(index, lvl.grid)):
             raise IndexError(f"block {index} is outside the grid {lvl.grid} of level {level}")
-        return self.blocks.get_or_compute(self._block_key(level, t, c, index),
-                                          lambda: self._compute(level, t, c, index))
+        if lvl.native is None:
+            return self.blocks.get_or_compute(("block", *self.key, level, t, c, index),
+                                              lambda: self._reduce(level, t, c, index))
+        slab = self.slab(level, index)
+        first, last = (self._region(level, tuple(r[end] for r in slab)) for end in (0, -1))
+        region = tuple(slice(a.start, b.stop) for a, b in zip(first, last))
+        key = ("slab", *self.key, level, t, c, tuple(r.start for r in slab))
+        data = self.blocks.get_or_compute(key, lambda: _frozen(self.reader.read(lvl.native, t, c, region),
+                                                               self.volume.dtype))
+        return data[within(self._region(level, index), region)]
 
-    def _block_key(self, level: int, t: int, c: int, index: tuple[int, int, int]) -> tuple:
-        return ("block", *self.key, level, t, c, index)
-
-    def _compute(self, level: int, t: int, c: int, index: tuple[int, int, int]) -> np.ndarray:
+    def _reduce(self, level: int, t: int, c: int, index: tuple[int, int, int]) -> np.ndarray:
+        """A synthesized block, from the parent level's blocks."""
         lvl = self.levels[level]
-        if lvl.native is not None:
-            slab = self.slab(level, index)
-            key = ("slab", *self.key, level, t, c, tuple(r.start for r in slab))
-            return self.blocks.get_or_compute(key, lambda: self._read_slab(level, t, c, slab), keep=False)[index]
         region = self._region(level, index)
         parent = self.levels[level - 1]
         src = tuple(slice(r.start * f, min(r.stop * f, p)) for r, f, p in zip(region, lvl.step, parent.shape))
@@ -143,21 +148,6 @@ class Pyramid:
             longest = max(range(3), key=lambda a: spans[a] * lvl.chunks[a] if spans[a] > 1 else 0)
             spans[longest] = -(-spans[longest] // 2)
         return tuple(range(i - i % n, min(i - i % n + n, g)) for i, n, g in zip(index, spans, lvl.grid))
-
-    def _read_slab(self, level: int, t: int, c: int, slab: tuple[range, range, range]) -> dict:
-        """Read a slab once, cut it into blocks and keep them all; a block's owner takes its own."""
-        lvl = self.levels[level]
-        first = self._region(level, tuple(r[0] for r in slab))
-        last = self._region(level, tuple(r[-1] for r in slab))
-        region = tuple(slice(a.start, b.stop) for a, b in zip(first, last))
-        data = self.reader.read(lvl.native, t, c, region)
-        blocks, alone = {}, all(len(r) == 1 for r in slab)
-        for index in itertools.product(*slab):
-            local = tuple(slice(r.start - o.start, r.stop - o.start)
-                          for r, o in zip(self._region(level, index), region))
-            blocks[index] = block = _frozen(data[local], self.volume.dtype, copy=not alone)
-            self.blocks.put(self._block_key(level, t, c, index), block)
-        return blocks
 
     def read(self, level: int, t: int, c: int, region: Region) -> np.ndarray:
         """Any (z, y, x) region of a level, assembled from its blocks."""
@@ -200,10 +190,9 @@ class Pyramid:
         return da.from_array(view, chunks=(1, 1, *lvl.chunks), name=name, fancy=False, asarray=True)
 
 
-def _frozen(data: np.ndarray, dtype: np.dtype, copy: bool = False) -> np.ndarray:
-    """A block as the cache keeps it: contiguous, read-only, and (with `copy`) not a view that
-    would keep a whole slab alive while the cache counts one block."""
-    data = np.array(data, dtype=dtype, order="C", copy=True) if copy else np.ascontiguousarray(data, dtype)
+def _frozen(data: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """An array as the cache keeps it: contiguous and read-only."""
+    data = np.ascontiguousarray(data, dtype)
     data.flags.writeable = False
     return data
 
