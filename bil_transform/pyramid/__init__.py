@@ -122,11 +122,13 @@ class Pyramid:
         if any(ch % f for ch, f in zip(parent.chunks, lvl.step)):  # windows straddle parent blocks
             return _frozen(reduce(self.read(level - 1, t, c, src), lvl.step), self.volume.dtype)
         # Every window lies in one parent block: reduce each where it is computed, on its worker,
-        # and place the results, instead of first assembling the parents' whole region.
+        # and place the results, instead of first assembling the parents' whole region. A view
+        # into a slab is copied first: the mean runs twice as fast on contiguous blocks, and the
+        # copy lands in memory just freed.
         out = np.empty([r.stop - r.start for r in region], self.volume.dtype)
         ranges = [range(s.start // ch, (s.stop - 1) // ch + 1) for s, ch in zip(src, parent.chunks)]
         for pindex, part in self._blocks(level - 1, t, c, list(itertools.product(*ranges)),
-                                         lambda b: reduce(b, lvl.step)):
+                                         lambda b: reduce(np.ascontiguousarray(b), lvl.step)):
             at = [i * ch // f - r.start for i, ch, f, r in zip(pindex, parent.chunks, lvl.step, region)]
             out[tuple(slice(a, a + n) for a, n in zip(at, part.shape))] = part
         out.flags.writeable = False
