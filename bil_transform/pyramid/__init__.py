@@ -2,11 +2,10 @@
 
 Every level is a grid of blocks (the serving chunk shape). A native block is read with its
 slab: the neighbouring blocks that share its source rows, tiles or chunks, read in one pass
-and cached as one array whose blocks are views, so each source byte is read once and never
-copied to be cut up. A synthesized block is computed from
-the parent level's blocks, which come through the same cache, so walking the whole pyramid
-reads each source voxel once. Parent blocks (and slabs) are spread over the workers: the
-coarsest block, which Neuroglancer asks for first, needs the whole volume below it.
+and cached as one array whose blocks are views, so each source byte is read once. A
+synthesized block is computed from the parent level's blocks, which come through the same
+cache. Parent blocks (and slabs) are spread over the workers: the coarsest block, which
+Neuroglancer asks for first, needs the whole volume below it.
 """
 
 from __future__ import annotations
