@@ -206,12 +206,14 @@ class Dataset:
             ],
         }
 
-    def describe(self) -> dict:
-        """The summary plus channel display settings (may read one plane to estimate contrast)."""
+    def describe(self, reveal: bool = True) -> dict:
+        """The summary plus channels; with `reveal`, their display windows too (which may read one
+        plane to estimate contrast, so an embargoed dataset shows them only to a token holder)."""
         doc = self.summary()
         if self.pyramid is not None:
             doc["channels"] = [
-                {"name": ch.name, "color": ch.color, "window": list(self.pyramid.display_window(c))}
+                {"name": ch.name, "color": ch.color,
+                 **({"window": list(self.pyramid.display_window(c))} if reveal else {})}
                 for c, ch in enumerate(self.pyramid.volume.channels)
             ]
         return doc

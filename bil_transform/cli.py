@@ -12,6 +12,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from .access import Tokens, TokensError
 from .cache import Cache
 from .catalog import CatalogError, Dataset, DatasetSpec, load_catalog, specs_from_paths
 from .pages import DEFAULT_VIEWER
@@ -51,6 +52,8 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
                    help="how often a requested dataset's files are checked for changes (default 2)")
     p.add_argument("--workers", type=int, default=None,
                    help="worker threads (default: one per core; more for high-latency storage)")
+    p.add_argument("--tokens", metavar="TOKENS.toml",
+                   help="tokens that open embargoed datasets (kept apart from the catalog, which may be public)")
 
 
 def no_huge_pages_for_numpy() -> None:
@@ -71,6 +74,7 @@ def run_server(specs: list[DatasetSpec], args: argparse.Namespace) -> None:
     from .server import create_app
 
     no_huge_pages_for_numpy()
+    tokens = Tokens.load(args.tokens) if args.tokens else Tokens()
     cache, workers = Cache(args.cache_size), Workers(args.workers)
     datasets = {s.id: Dataset(s, cache, recheck=args.recheck, workers=workers) for s in specs}
     base = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
@@ -81,7 +85,7 @@ def run_server(specs: list[DatasetSpec], args: argparse.Namespace) -> None:
             root = f"{base}/ds/{ds.spec.id}"
             print(f"  {ds.spec.id}: {root}/zarr  {root}/zarr3  precomputed://{root}/precomputed")
     print(f"bil-transform serving {len(datasets)} dataset(s) at {base}/ (Ctrl-C to stop)", flush=True)
-    app = create_app(datasets, cache, workers, args.neuroglancer)
+    app = create_app(datasets, cache, workers, args.neuroglancer, tokens)
     web.run_app(app, host=args.host, port=args.port, print=None, access_log=None)
 
 
@@ -171,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return {"serve": cmd_serve, "demo": cmd_demo, "info": cmd_info}[args.command](args)
-    except CatalogError as exc:
+    except (CatalogError, TokensError) as exc:
         print(f"bil-transform: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

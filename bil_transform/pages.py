@@ -16,15 +16,18 @@ void main() {{ emitRGB(color * normalized()); }}
 MAX_LAYERS = 8
 
 
-def links(ds: Dataset, base: str, viewer: str = DEFAULT_VIEWER) -> dict:
-    """Every URL a client may want for this dataset (the `links` of /api/datasets)."""
+def links(ds: Dataset, base: str, viewer: str = DEFAULT_VIEWER, reveal: bool = True) -> dict:
+    """Every URL a client may want for this dataset (the `links` of /api/datasets). Without
+    `reveal` (an embargoed dataset, no token) the thumbnail and the Neuroglancer state, which
+    carry what is computed from the voxels, are left out; the URLs answer 401 until a token comes."""
     root = f"{base}/ds/{ds.spec.id}"
     out = {"self": f"{base}/api/datasets/{ds.spec.id}"}
     if ds.pyramid is None:
         return out
     out.update({view: f"{root}/{view}" for view in ("zarr", "zarr3", "zarr3-sharded", "precomputed",
                                                     "precomputed-sharded")})
-    out["thumbnail"] = f"{root}/thumbnail.png"
+    if reveal:
+        out["thumbnail"] = f"{root}/thumbnail.png"
     encodings = ds.summary()["precomputed"]["encodings"]
     out.update({f"precomputed-{e}": f"{root}/precomputed-{e}" for e in encodings})
     t, c = ds.pyramid.volume.shape[:2]
@@ -32,7 +35,8 @@ def links(ds: Dataset, base: str, viewer: str = DEFAULT_VIEWER) -> dict:
         out["precomputed_channels"] = [f"{root}/c/{i}/precomputed" for i in range(c)]
     if t > 1:
         out["precomputed_timepoints"] = [f"{root}/t/{i}/precomputed" for i in range(t)]
-    out["neuroglancer"] = neuroglancer_url(ds, base, viewer)
+    if reveal:
+        out["neuroglancer"] = neuroglancer_url(ds, base, viewer)
     return out
 
 
@@ -58,7 +62,10 @@ def neuroglancer_url(ds: Dataset, base: str, viewer: str = DEFAULT_VIEWER) -> st
     return f"{viewer}#!{urllib.parse.quote(state, safe='')}"
 
 
-def index_html(datasets: list[Dataset], base: str, viewer: str = DEFAULT_VIEWER) -> str:
+def index_html(datasets: list[Dataset], base: str, viewer: str = DEFAULT_VIEWER,
+               readable: set[str] | None = None) -> str:
+    """The index; datasets whose ids are not in `readable` (embargoed, no token) show their
+    metadata and URLs, but no thumbnail and no Neuroglancer link."""
     rows = []
     for ds in datasets:
         e = html.escape
@@ -68,19 +75,22 @@ def index_html(datasets: list[Dataset], base: str, viewer: str = DEFAULT_VIEWER)
                         f"<td colspan=3 class=err>unavailable: {e(ds.error or '')}</td></tr>")
             continue
         vol, served = ds.pyramid.volume, ds.summary()["precomputed"]
-        link = links(ds, base, viewer)
+        reveal = readable is None or ds.spec.id in readable
+        link = links(ds, base, viewer, reveal)
         shape = " &times; ".join(map(str, vol.shape[2:][::-1]))
         extra = ", ".join(f"{n} {a}" for n, a in zip(vol.shape[:2], ("time points", "channels")) if n > 1)
         voxel = " &times; ".join(f"{v:g}" for v in vol.voxel_size[::-1])
         dtype = vol.dtype.name
         if served["data_type"] != dtype:
             dtype += f" (precomputed: {served['data_type']})"
+        picture = f"<img src='{e(link['thumbnail'])}' loading=lazy alt='' width=128>" if reveal else "under embargo"
+        viewer_link = f"<a href='{e(link['neuroglancer'])}'>open in Neuroglancer</a><br>" if reveal else ""
         rows.append(
-            f"<tr><td><img src='{e(link['thumbnail'])}' loading=lazy alt='' width=128></td>"
+            f"<tr><td>{picture}</td>"
             f"<td><b>{e(ds.spec.id)}</b><br>{title}</td>"
             f"<td>{shape} voxels (x &times; y &times; z){'<br>' + extra if extra else ''}<br>{e(dtype)}, "
             f"{vol.kind}<br>{voxel} &micro;m, {len(ds.pyramid.levels)} levels</td>"
-            f"<td><a href='{e(link['neuroglancer'])}'>open in Neuroglancer</a><br>"
+            f"<td>{viewer_link}"
             f"OME-Zarr 0.4: <code>{e(link['zarr'])}</code><br>"
             f"OME-Zarr 0.5: <code>{e(link['zarr3'])}</code> (sharded: <code>{e(link['zarr3-sharded'])}</code>)<br>"
             f"precomputed: <code>precomputed://{e(link['precomputed'])}</code> "

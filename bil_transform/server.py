@@ -12,7 +12,8 @@ from typing import Any
 
 from aiohttp import web
 
-from . import pages
+from . import access, pages
+from .access import AccessDenied, Tokens
 from .cache import Cache, Section
 from .catalog import Dataset
 from .readers import SourceError
@@ -30,7 +31,7 @@ CORS = {
 PREFLIGHT = {
     **CORS,
     "Access-Control-Allow-Methods": "GET, HEAD, OPTIONS",
-    "Access-Control-Allow-Headers": "range, if-none-match, if-range, content-type",
+    "Access-Control-Allow-Headers": "range, if-none-match, if-range, content-type, authorization",
     "Access-Control-Max-Age": "86400",
 }
 DATASETS = web.AppKey("datasets", dict)
@@ -38,6 +39,8 @@ CACHE = web.AppKey("cache", Cache)
 CHUNKS = web.AppKey("chunks", Section)  # encoded bodies: chunks, metadata documents, shard lengths
 WORKERS = web.AppKey("workers", Workers)
 STATE = web.AppKey("state", dict)
+TOKENS = web.AppKey("tokens", Tokens)
+TOKEN_PREFIX = re.compile(r"^/token/[^/]+")
 VIEW = r"{view:(?:zarr3?|precomputed)(?:-[a-z0-9_-]+)?}"
 RANGE = re.compile(r"bytes=(?P<first>\d*)-(?P<last>\d*)")
 CACHE_CONTROL = "public, max-age=3600"  # derived bytes change only with the source, and then so do their ETags
@@ -45,6 +48,11 @@ CACHE_CONTROL = "public, max-age=3600"  # derived bytes change only with the sou
 
 def _error(status: int, message: str) -> web.Response:
     return web.Response(status=status, text=message.rstrip(".") + ".\n")
+
+
+def _shown_path(request: web.Request) -> str:
+    """The request's path as logs and messages show it: never with its token."""
+    return TOKEN_PREFIX.sub("/token/***", request.path)
 
 
 async def _cors(request: web.Request, response: web.StreamResponse) -> None:
@@ -65,16 +73,22 @@ async def errors_and_preflights(request: web.Request, handler: Callable) -> web.
             raise
         reason = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else exc.reason
         response = _error(exc.status, reason)
-        response.headers.update({k: v for k, v in exc.headers.items() if k in ("Retry-After", "Content-Range")})
+        response.headers.update({k: v for k, v in exc.headers.items()
+                                 if k in ("Retry-After", "Content-Range", "WWW-Authenticate")})
+        return response
+    except AccessDenied as exc:
+        response = _error(exc.status, str(exc))
+        if exc.status == 401:
+            response.headers["WWW-Authenticate"] = 'Bearer realm="bil-transform"'
         return response
     except SourceError as exc:
-        log.warning("source error on %s: %s", request.path, exc)
+        log.warning("source error on %s: %s", _shown_path(request), exc)
         return _error(500, f"The source data cannot be read: {exc}")
     except asyncio.CancelledError:
         raise
     except Exception as exc:
-        log.exception("internal error on %s", request.path)
-        return _error(500, f"Internal error while serving {request.path}: {type(exc).__name__}")
+        log.exception("internal error on %s", _shown_path(request))
+        return _error(500, f"Internal error while serving {_shown_path(request)}: {type(exc).__name__}")
     return response
 
 
@@ -100,16 +114,35 @@ def _dataset(request: web.Request, *, usable: bool = True) -> Dataset:
     return ds
 
 
-async def _current(request: web.Request) -> Dataset:
-    """The dataset, reopened first if its files changed since they were last checked."""
+def _token(request: web.Request) -> str | None:
+    """The token a request carries: in its path (/token/TOKEN/..., for viewers that cannot send
+    headers) or as 'Authorization: Bearer TOKEN'."""
+    if "token" in request.match_info:
+        return request.match_info["token"]
+    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+    return (value.strip() or None) if scheme.lower() == "bearer" else None
+
+
+def _may_read(request: web.Request, ds: Dataset) -> bool:
+    return access.allowed(ds.spec.id, ds.spec.embargo, _token(request), request.app[TOKENS])
+
+
+async def _voxels(request: web.Request) -> Dataset:
+    """The dataset whose voxels a request reads: the access check every voxel route passes
+    (before anything is computed or revealed, a 304 included), then reopened first if its files
+    changed since they were last checked."""
     ds = _dataset(request, usable=False)
+    access.check(ds.spec.id, ds.spec.embargo, _token(request), request.app[TOKENS])
     if ds.check_due():
         await _in_pool(request, ds.refresh)
     return _dataset(request)
 
 
 def _base_url(request: web.Request) -> str:
-    return f"{request.scheme}://{request.host}"
+    """Where links for this request point: a request that came with its token in the path gets
+    links that keep it, so a viewer handed one can follow them."""
+    prefix = f"/token/{request.match_info['token']}" if "token" in request.match_info else ""
+    return f"{request.scheme}://{request.host}{prefix}"
 
 
 def _json(doc: Any) -> web.Response:
@@ -201,7 +234,8 @@ async def _serve(request: web.Request, body: Body) -> web.StreamResponse:
         raise  # the client went away
     except Exception as exc:
         # The status is sent: cut the connection, so the client sees a short body, never a wrong one.
-        log.warning("%s failed after %d of its bytes were sent: %s", request.path, response.body_length, exc)
+        log.warning("%s failed after %d of its bytes were sent: %s", _shown_path(request), response.body_length,
+                    exc)
         if request.transport is not None:
             request.transport.close()
     return response
@@ -209,7 +243,7 @@ async def _serve(request: web.Request, body: Body) -> web.StreamResponse:
 
 async def dataset_view(request: web.Request) -> web.Response:
     """/ds/{id}[/t/{t}][/c/{c}]/{view}/{key}: every format view of every dataset."""
-    ds = await _current(request)
+    ds = await _voxels(request)
     name, key = request.match_info["view"], request.match_info["key"]
     t, c = (int(request.match_info[k]) if k in request.match_info else None for k in ("t", "c"))
     try:
@@ -229,27 +263,31 @@ async def dataset_view(request: web.Request) -> web.Response:
 
 
 async def dataset_thumbnail(request: web.Request) -> web.Response:
-    return await _serve(request, thumbnail((await _current(request)).pyramid, request.app[CHUNKS]))
+    return await _serve(request, thumbnail((await _voxels(request)).pyramid, request.app[CHUNKS]))
 
 
 async def list_datasets(request: web.Request) -> web.Response:
     query, base = request.query.get("q", ""), _base_url(request)
     found = [ds for ds in request.app[DATASETS].values() if ds.matches(query)]
     viewer = request.app[STATE]["viewer"]
-    return _json(await _in_pool(request, lambda: [{**ds.summary(), "links": pages.links(ds, base, viewer)}
-                                                   for ds in found]))
+    return _json(await _in_pool(request, lambda: [
+        {**ds.summary(), "links": pages.links(ds, base, viewer, _may_read(request, ds))} for ds in found]))
 
 
 async def get_dataset(request: web.Request) -> web.Response:
     ds = _dataset(request, usable=False)
     base, viewer = _base_url(request), request.app[STATE]["viewer"]
-    return _json(await _in_pool(request, lambda: {**ds.describe(), "links": pages.links(ds, base, viewer)}))
+    reveal = _may_read(request, ds)
+    return _json(await _in_pool(request, lambda: {**ds.describe(reveal),
+                                                  "links": pages.links(ds, base, viewer, reveal)}))
 
 
 async def index(request: web.Request) -> web.Response:
     datasets, base = list(request.app[DATASETS].values()), _base_url(request)
-    page = await _in_pool(request, pages.index_html, datasets, base, request.app[STATE]["viewer"])
-    return web.Response(text=page, content_type="text/html")
+    readable = {ds.spec.id for ds in datasets if _may_read(request, ds)}
+    page = await _in_pool(request, pages.index_html, datasets, base, request.app[STATE]["viewer"], readable)
+    # links on a page reached with a token carry it: never send them on as a Referer
+    return web.Response(text=page, content_type="text/html", headers={"Referrer-Policy": "no-referrer"})
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -271,20 +309,21 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 def create_app(datasets: dict[str, Dataset], cache: Cache, workers: Workers,
-               viewer: str = pages.DEFAULT_VIEWER) -> web.Application:
-    """The app over datasets opened with this cache and these workers (handed to them too)."""
+               viewer: str = pages.DEFAULT_VIEWER, tokens: Tokens | None = None) -> web.Application:
+    """The app over datasets opened with this cache and these workers (handed to them too).
+    Every route also answers under /token/TOKEN/, for clients that cannot send headers."""
     app = web.Application(middlewares=[errors_and_preflights])
     app.on_response_prepare.append(_cors)
     app[DATASETS], app[CACHE], app[CHUNKS], app[WORKERS] = datasets, cache, cache.section("chunks"), workers
+    app[TOKENS] = tokens or Tokens()
     app[STATE] = {"queued": 0, "max_queued": workers.threads * 256, "viewer": viewer}
-    app.router.add_get("/", index)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/metrics", metrics)
-    app.router.add_get("/api/datasets", list_datasets)
-    app.router.add_get("/api/datasets/{id}", get_dataset)
-    app.router.add_get("/ds/{id}/thumbnail.png", dataset_thumbnail)
-    for selector in ("", r"/t/{t:\d+}", r"/c/{c:\d+}", r"/t/{t:\d+}/c/{c:\d+}"):
-        app.router.add_get(f"/ds/{{id}}{selector}/{VIEW}/{{key:.*}}", dataset_view)
+    routes = [("/", index), ("/healthz", healthz), ("/metrics", metrics), ("/api/datasets", list_datasets),
+              ("/api/datasets/{id}", get_dataset), ("/ds/{id}/thumbnail.png", dataset_thumbnail)]
+    routes += [(f"/ds/{{id}}{selector}/{VIEW}/{{key:.*}}", dataset_view)
+               for selector in ("", r"/t/{t:\d+}", r"/c/{c:\d+}", r"/t/{t:\d+}/c/{c:\d+}")]
+    for path, handler in routes:
+        app.router.add_get(path, handler)
+        app.router.add_get("/token/{token:[^/]+}" + path, handler)
 
     async def shutdown(app: web.Application) -> None:
         workers.shutdown()
