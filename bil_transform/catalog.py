@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import threading
 import time
@@ -170,16 +171,23 @@ class Dataset:
                     pass  # a file is gone: reopening says which
             self._open()
 
+    def public(self, text: str) -> str:
+        """`text` (a message) with this dataset's files named relative to its own root, as anonymous
+        clients see them; only the operator's log and `bil-transform info` show full paths."""
+        path = Path(self.spec.path)
+        root = path if path.is_dir() else path.parent
+        return text.replace(f"{root}{os.sep}", "").replace(str(root), root.name)
+
     def matches(self, query: str) -> bool:
-        """Every word of the query appears in the id, the path or a metadata value (any case)."""
-        text = " ".join([self.spec.id, self.spec.path, *self.spec.metadata.values()]).lower()
+        """Every word of the query appears in the id, the path's own name or a metadata value (any case)."""
+        text = " ".join([self.spec.id, Path(self.spec.path).name, *self.spec.metadata.values()]).lower()
         return all(word in text for word in query.lower().split())
 
     def summary(self) -> dict:
         """What the catalog and the reader know without reading voxels."""
         doc: dict = {"id": self.spec.id, **self.spec.metadata, "kind": self.spec.kind, "embargo": self.spec.embargo}
         if self.pyramid is None:
-            return {**doc, "status": "error", "error": self.error}
+            return {**doc, "status": "error", "error": self.public(self.error or "")}
         vol = self.pyramid.volume
         served = served_dtype(vol.dtype, vol.kind)
         return {

@@ -72,7 +72,7 @@ def index_html(datasets: list[Dataset], base: str, viewer: str = DEFAULT_VIEWER,
         title = e(ds.spec.metadata.get("title", ""))
         if ds.pyramid is None:
             rows.append(f"<tr><td></td><td><b>{e(ds.spec.id)}</b><br>{title}</td>"
-                        f"<td colspan=3 class=err>unavailable: {e(ds.error or '')}</td></tr>")
+                        f"<td colspan=3 class=err>unavailable: {e(ds.public(ds.error or ''))}</td></tr>")
             continue
         vol, served = ds.pyramid.volume, ds.summary()["precomputed"]
         reveal = readable is None or ds.spec.id in readable

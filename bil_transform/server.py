@@ -82,8 +82,9 @@ async def errors_and_preflights(request: web.Request, handler: Callable) -> web.
             response.headers["WWW-Authenticate"] = 'Bearer realm="bil-transform"'
         return response
     except SourceError as exc:
-        log.warning("source error on %s: %s", _shown_path(request), exc)
-        return _error(500, f"The source data cannot be read: {exc}")
+        log.warning("source error on %s: %s", _shown_path(request), exc)  # the operator sees full paths
+        ds = request.app[DATASETS].get(request.match_info.get("id", ""))
+        return _error(500, f"The source data cannot be read: {ds.public(str(exc)) if ds else exc}")
     except asyncio.CancelledError:
         raise
     except Exception as exc:
@@ -110,7 +111,7 @@ def _dataset(request: web.Request, *, usable: bool = True) -> Dataset:
     if ds is None:
         raise web.HTTPNotFound(text=f"No dataset with id {ident!r}")
     if usable and ds.pyramid is None:
-        raise web.HTTPNotFound(text=f"Dataset {ident!r} is unavailable: {ds.error}")
+        raise web.HTTPNotFound(text=f"Dataset {ident!r} is unavailable: {ds.public(ds.error or '')}")
     return ds
 
 

@@ -5,6 +5,7 @@ rest of TIFF (tifffile). Native levels are served as stored; broken files fail o
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import urllib.parse
@@ -372,3 +373,36 @@ def test_info_says_why_a_path_is_not_a_source(tmp_path):
         result = subprocess.run([sys.executable, "-m", "bil_transform", "info", str(path)], capture_output=True,
                                 text=True)
         assert result.returncode == 1 and says in result.stderr and str(path) in result.stderr
+
+
+def test_no_public_response_names_a_path_on_the_server(archive):
+    """Crawl every link from / and the API, and the answers about broken files: every file is named
+    relative to its dataset's own root; only the operator's log shows full paths."""
+    srv, root, _ = archive
+    bodies = {}
+
+    def get(url: str) -> requests.Response:
+        r = requests.get(url, headers={"Accept-Encoding": "identity"})
+        bodies[url] = r.text if r.headers.get("Content-Type", "").startswith(("text", "application/json")) else ""
+        return r
+
+    index = get(srv.url("/")).text
+    for link in re.findall(r"(?:href|src)='([^']+)'", index):
+        if link.startswith(srv.base):
+            get(link)
+    for doc in get(srv.url("/api/datasets")).json():
+        get(srv.url(f"/api/datasets/{doc['id']}"))
+        for name, link in doc["links"].items():
+            for url in link if isinstance(link, list) else [link]:
+                if not url.startswith(srv.base):
+                    continue
+                suffix = {"zarr": "/.zattrs", "zarr3": "/zarr.json", "zarr3-sharded": "/zarr.json"}.get(
+                    name, "/info" if "precomputed" in name else "")
+                get(url + suffix)
+    for ds in ("truncated", "garbage"):
+        assert "z066.jp2" in get(srv.url(f"/ds/{ds}/zarr/0/0/0/1/0/0")).text
+    assert "1 slice is missing" in get(srv.url("/ds/gap/zarr/.zattrs")).text
+    assert len(bodies) > 100
+    leaks = [url for url, text in bodies.items() if str(root) in text]
+    assert not leaks, f"{len(leaks)} public responses name {root}, e.g. {leaks[0]}"
+    assert str(root) in srv.log.read_text()  # the operator still sees where a broken file is
