@@ -52,6 +52,8 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
                    help="how often a requested dataset's files are checked for changes (default 2)")
     p.add_argument("--workers", type=int, default=None,
                    help="worker threads (default: one per core; more for high-latency storage)")
+    p.add_argument("--max-region", type=parse_size, default=2**30, metavar="SIZE",
+                   help="largest box /ds/ID/region returns (default 1GiB); larger ones answer 413")
     p.add_argument("--tokens", metavar="TOKENS.toml",
                    help="tokens that open embargoed datasets (kept apart from the catalog, which may be public)")
 
@@ -85,7 +87,7 @@ def run_server(specs: list[DatasetSpec], args: argparse.Namespace) -> None:
             root = f"{base}/ds/{ds.spec.id}"
             print(f"  {ds.spec.id}: {root}/zarr  {root}/zarr3  precomputed://{root}/precomputed")
     print(f"bil-transform serving {len(datasets)} dataset(s) at {base}/ (Ctrl-C to stop)", flush=True)
-    app = create_app(datasets, cache, workers, args.neuroglancer, tokens)
+    app = create_app(datasets, cache, workers, args.neuroglancer, tokens, args.max_region)
     web.run_app(app, host=args.host, port=args.port, print=None, access_log=None)
 
 

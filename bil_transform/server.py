@@ -19,6 +19,7 @@ from .catalog import Dataset
 from .readers import SourceError
 from .workers import Workers
 from .writers import make_view
+from .writers.region import Region, RegionBody, RegionTooLarge
 from .writers.resource import Body
 from .writers.thumbnail import thumbnail
 
@@ -26,7 +27,8 @@ log = logging.getLogger("bil_transform")
 
 CORS = {
     "Access-Control-Allow-Origin": "*",
-    "Access-Control-Expose-Headers": "Content-Length, Content-Range, Content-Encoding, ETag, Accept-Ranges",
+    "Access-Control-Expose-Headers": "Content-Length, Content-Range, Content-Encoding, ETag, Accept-Ranges, "
+                                     "X-Shape, X-Dtype",
 }
 PREFLIGHT = {
     **CORS,
@@ -190,7 +192,7 @@ async def _serve(request: web.Request, body: Body) -> web.StreamResponse:
     whole-body GET of a compressible body is gzip-encoded (and kept so) when the client accepts
     it; ranges and HEAD always describe the identity body."""
     tag = hashlib.blake2b(repr(body.key).encode(), digest_size=12).hexdigest()
-    headers = {"Cache-Control": CACHE_CONTROL, "Accept-Ranges": "bytes"}
+    headers = {"Cache-Control": CACHE_CONTROL, "Accept-Ranges": "bytes", **body.headers}
     asked = _range_asked(request, f'"{tag}"')
     gzipped = (body.compressible and asked is None and request.method == "GET"
                and "gzip" in request.headers.get("Accept-Encoding", ""))
@@ -263,6 +265,19 @@ async def dataset_view(request: web.Request) -> web.Response:
     return await _serve(request, res)
 
 
+async def dataset_region(request: web.Request) -> web.StreamResponse:
+    """/ds/{id}/region?level=&z=&y=&x=[&t=][&c=][&coords=][&format=]: any box of any level."""
+    ds = await _voxels(request)
+    limit = request.app[STATE]["max_region"]
+    try:
+        region = Region.parse(ds.pyramid, request.query, limit)
+    except RegionTooLarge as exc:
+        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=0, text=str(exc)) from None
+    except ValueError as exc:
+        raise web.HTTPBadRequest(text=str(exc)) from None
+    return await _serve(request, RegionBody(region))
+
+
 async def dataset_thumbnail(request: web.Request) -> web.Response:
     return await _serve(request, thumbnail((await _voxels(request)).pyramid, request.app[CHUNKS]))
 
@@ -310,16 +325,18 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 def create_app(datasets: dict[str, Dataset], cache: Cache, workers: Workers,
-               viewer: str = pages.DEFAULT_VIEWER, tokens: Tokens | None = None) -> web.Application:
+               viewer: str = pages.DEFAULT_VIEWER, tokens: Tokens | None = None,
+               max_region: int = 2**30) -> web.Application:
     """The app over datasets opened with this cache and these workers (handed to them too).
     Every route also answers under /token/TOKEN/, for clients that cannot send headers."""
     app = web.Application(middlewares=[errors_and_preflights])
     app.on_response_prepare.append(_cors)
     app[DATASETS], app[CACHE], app[CHUNKS], app[WORKERS] = datasets, cache, cache.section("chunks"), workers
     app[TOKENS] = tokens or Tokens()
-    app[STATE] = {"queued": 0, "max_queued": workers.threads * 256, "viewer": viewer}
+    app[STATE] = {"queued": 0, "max_queued": workers.threads * 256, "viewer": viewer, "max_region": max_region}
     routes = [("/", index), ("/healthz", healthz), ("/metrics", metrics), ("/api/datasets", list_datasets),
-              ("/api/datasets/{id}", get_dataset), ("/ds/{id}/thumbnail.png", dataset_thumbnail)]
+              ("/api/datasets/{id}", get_dataset), ("/ds/{id}/thumbnail.png", dataset_thumbnail),
+              ("/ds/{id}/region", dataset_region)]
     routes += [(f"/ds/{{id}}{selector}/{VIEW}/{{key:.*}}", dataset_view)
                for selector in ("", r"/t/{t:\d+}", r"/c/{c:\d+}", r"/t/{t:\d+}/c/{c:\d+}")]
     for path, handler in routes:

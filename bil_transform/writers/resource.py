@@ -6,9 +6,10 @@ The body contract is `Body` below; `Resource` (here) and `Shard` (sharding.py) k
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from types import MappingProxyType
+from typing import ClassVar, Protocol
 
 from isal import igzip
 
@@ -28,6 +29,7 @@ class Body(Protocol):
     key: Hashable  # identifies the bytes exactly (source version included); the ETag comes from it
     content_type: str
     compressible: bool  # then it also has gzipped() and peek_gzipped()
+    headers: Mapping[str, str]  # sent with it (what the bytes are, where the content type cannot say)
 
     @property
     def length(self) -> int | None:
@@ -52,6 +54,7 @@ class Resource:
     cache: Section = field(compare=False, repr=False)
     compressible: bool = False  # worth Content-Encoding: gzip when the client accepts it
     length: int | None = None  # the byte length, where known without producing the bytes
+    headers: ClassVar[Mapping[str, str]] = MappingProxyType({})
 
     def peek(self) -> bytes | None:
         return self.cache.get(self.key)

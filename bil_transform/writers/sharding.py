@@ -15,6 +15,7 @@ import functools
 import itertools
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 import crc32c
 import numpy as np
@@ -37,6 +38,7 @@ class Shard:
     workers: Workers = field(compare=False, repr=False)
     content_type = BINARY
     compressible = False  # Content-Encoding cannot apply to the ranges clients read shards in
+    headers = MappingProxyType({})
 
     @property
     def length(self) -> int | None:
