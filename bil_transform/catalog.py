@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import re
 import threading
@@ -43,10 +44,33 @@ class DatasetSpec:
     metadata: dict[str, str] = field(default_factory=dict)
 
 
-def _spec(entry: dict, where: str, base: Path) -> DatasetSpec:
-    for key in ("id", "path"):
-        if not isinstance(entry.get(key), str) or not entry[key]:
-            raise CatalogError(f"{where}: '{key}' must be a non-empty string")
+CONSONANTS, VOWELS = "bcdfghjklmnprstvwz", "aeiou"
+
+
+def pronounceable_id(text: str, triplets: int = 3) -> str:
+    """A stable identifier like 'bec-tov-mar' derived from `text` (a dataset's path as the catalog
+    writes it): the same on every start and every machine, easy to read out and type."""
+    n = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
+    parts = []
+    for _ in range(triplets):
+        n, a = divmod(n, len(CONSONANTS))
+        n, v = divmod(n, len(VOWELS))
+        n, b = divmod(n, len(CONSONANTS))
+        parts.append(CONSONANTS[a] + VOWELS[v] + CONSONANTS[b])
+    return "-".join(parts)
+
+
+def _spec(entry: dict, where: str, base: Path, taken: set[str]) -> DatasetSpec:
+    if not isinstance(entry.get("path"), str) or not entry["path"]:
+        raise CatalogError(f"{where}: 'path' must be a non-empty string")
+    if "id" not in entry:  # derived from the path as written; a clash with an earlier entry tries again
+        entry = {**entry, "id": pronounceable_id(entry["path"])}
+        attempt = 1
+        while entry["id"] in taken:
+            entry["id"] = pronounceable_id(f"{entry['path']}#{attempt}")
+            attempt += 1
+    if not isinstance(entry["id"], str) or not entry["id"]:
+        raise CatalogError(f"{where}: 'id' must be a non-empty string (or left out, to derive one from the path)")
     if not re.fullmatch(r"[A-Za-z0-9._-]+", entry["id"]):
         raise CatalogError(f"{where}: id {entry['id']!r} may use only letters, digits, '.', '_' and '-'")
     kind = entry.get("kind", "image")
@@ -90,7 +114,11 @@ def load_catalog(path: str | Path) -> list[DatasetSpec]:
     entries = doc.get("datasets", [])
     if not isinstance(entries, list):
         raise CatalogError(f"{path}: 'datasets' must be an array of tables ([[datasets]])")
-    specs = [_spec(e, f"{path}: datasets[{i}]", path.parent) for i, e in enumerate(entries)]
+    taken = {e["id"] for e in entries if isinstance(e, dict) and isinstance(e.get("id"), str)}
+    specs = []
+    for i, entry in enumerate(entries):
+        specs.append(_spec(entry, f"{path}: datasets[{i}]", path.parent, taken))
+        taken.add(specs[-1].id)
     return _unique(specs, str(path))
 
 
