@@ -199,12 +199,25 @@ class Dataset:
                     pass  # a file is gone: reopening says which
             self._open()
 
+    @property
+    def root(self) -> Path:
+        """The dataset's own root: its directory, or the one holding its file (or glob)."""
+        path = Path(self.spec.path)
+        return path if path.is_dir() else path.parent
+
     def public(self, text: str) -> str:
         """`text` (a message) with this dataset's files named relative to its own root, as anonymous
         clients see them; only the operator's log and `bil-transform info` show full paths."""
-        path = Path(self.spec.path)
-        root = path if path.is_dir() else path.parent
+        root = self.root
         return text.replace(f"{root}{os.sep}", "").replace(str(root), root.name)
+
+    def source_paths(self) -> list[Path]:
+        """Every file the dataset is read from: a Zarr store's every file (its version covers only
+        the metadata), else the files the reader lists."""
+        vol = self.pyramid.volume
+        if vol.format.startswith("zarr"):
+            return sorted(p for p in Path(vol.path).rglob("*") if p.is_file())
+        return [Path(f) for f in vol.files]
 
     def matches(self, query: str) -> bool:
         """Every word of the query appears in the id, the path's own name or a metadata value (any case)."""

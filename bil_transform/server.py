@@ -19,6 +19,7 @@ from .catalog import Dataset
 from .readers import SourceError
 from .workers import Workers
 from .writers import make_view
+from .writers.manifest import CHECKSUMS, Manifest, source_files
 from .writers.region import Region, RegionBody, RegionTooLarge
 from .writers.resource import Body
 from .writers.thumbnail import thumbnail
@@ -206,6 +207,10 @@ async def _serve(request: web.Request, body: Body) -> web.StreamResponse:
         return web.Response(body=data, content_type=body.content_type,
                             headers={**headers, "Content-Encoding": "gzip"})
 
+    if body.streamed and asked is None and request.method == "GET":
+        response = web.StreamResponse(status=200, headers=headers)
+        response.enable_chunked_encoding()
+        return await _stream(request, body, response, 0, 2**63)
     whole = body.peek()
     if whole is not None:
         total = len(whole)
@@ -223,10 +228,18 @@ async def _serve(request: web.Request, body: Body) -> web.StreamResponse:
     if whole is not None:
         return web.Response(status=status, body=memoryview(whole)[start:stop], content_type=body.content_type,
                             headers=headers)
+    response = web.StreamResponse(status=status, headers=headers)
+    response.content_length = stop - start
+    return await _stream(request, body, response, start, stop)
+
+
+async def _stream(request: web.Request, body: Body, response: web.StreamResponse, start: int,
+                  stop: int) -> web.StreamResponse:
+    """Send bytes [start, stop) of a body piece by piece as the workers make them (chunked when the
+    response has no length)."""
     pieces = body.read(start, stop)
     piece = await _in_pool(request, next, pieces, None)  # a failure before any byte is sent gets its status
-    response = web.StreamResponse(status=status, headers=headers)
-    response.content_type, response.content_length = body.content_type, stop - start
+    response.content_type = body.content_type
     await response.prepare(request)
     try:
         while piece is not None:
@@ -276,6 +289,16 @@ async def dataset_region(request: web.Request) -> web.StreamResponse:
     except ValueError as exc:
         raise web.HTTPBadRequest(text=str(exc)) from None
     return await _serve(request, RegionBody(region))
+
+
+async def dataset_manifest(request: web.Request) -> web.StreamResponse:
+    """/ds/{id}/manifest.json[?checksums=sha256]: the source files, streamed file by file."""
+    ds = await _voxels(request)
+    checksum = request.query.get("checksums")
+    if checksum is not None and checksum not in CHECKSUMS:
+        raise web.HTTPBadRequest(text=f"checksums={checksum!r} is not one of {', '.join(CHECKSUMS)}")
+    files = await _in_pool(request, source_files, ds.source_paths(), ds.root)
+    return await _serve(request, Manifest(ds.spec.id, files, checksum, request.app[CHUNKS]))
 
 
 async def dataset_thumbnail(request: web.Request) -> web.Response:
@@ -336,7 +359,7 @@ def create_app(datasets: dict[str, Dataset], cache: Cache, workers: Workers,
     app[STATE] = {"queued": 0, "max_queued": workers.threads * 256, "viewer": viewer, "max_region": max_region}
     routes = [("/", index), ("/healthz", healthz), ("/metrics", metrics), ("/api/datasets", list_datasets),
               ("/api/datasets/{id}", get_dataset), ("/ds/{id}/thumbnail.png", dataset_thumbnail),
-              ("/ds/{id}/region", dataset_region)]
+              ("/ds/{id}/region", dataset_region), ("/ds/{id}/manifest.json", dataset_manifest)]
     routes += [(f"/ds/{{id}}{selector}/{VIEW}/{{key:.*}}", dataset_view)
                for selector in ("", r"/t/{t:\d+}", r"/c/{c:\d+}", r"/t/{t:\d+}/c/{c:\d+}")]
     for path, handler in routes:

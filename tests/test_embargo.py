@@ -49,7 +49,7 @@ def _voxel_keys(public: Server, ident: str) -> list[str]:
     n_t, n_c = doc["shape"][:2]
     keys = ["zarr/.zattrs", "zarr/.zgroup", "zarr/.zmetadata", "zarr3/zarr.json", "zarr3-sharded/zarr.json",
             "precomputed/info", "precomputed-sharded/info", "precomputed-sharded/0/0.shard", "thumbnail.png",
-            "region?level=0&z=0:1&format=raw",
+            "region?level=0&z=0:1&format=raw", "manifest.json", "manifest.json?checksums=sha256",
             "zarr3-sharded/0/c/0/0/0/0/0", f"c/{n_c - 1}/precomputed/info", f"t/{n_t - 1}/precomputed/info"]
     info = requests.get(public.url(f"/ds/{ident}/precomputed/info")).json()
     for level, scale in enumerate(info["scales"]):

@@ -128,6 +128,7 @@ class RegionBody:
     """A region as a body (resource.py's contract): never cached whole, streamed band by band."""
 
     compressible = False
+    streamed = False  # its length is known (npy, raw) or it is made whole (tiff)
 
     def __init__(self, region: Region):
         self.region = region

@@ -30,6 +30,7 @@ class Body(Protocol):
     content_type: str
     compressible: bool  # then it also has gzipped() and peek_gzipped()
     headers: Mapping[str, str]  # sent with it (what the bytes are, where the content type cannot say)
+    streamed: bool  # sent as it is made (chunked), not measured first, when the whole body is asked for
 
     @property
     def length(self) -> int | None:
@@ -55,6 +56,7 @@ class Resource:
     compressible: bool = False  # worth Content-Encoding: gzip when the client accepts it
     length: int | None = None  # the byte length, where known without producing the bytes
     headers: ClassVar[Mapping[str, str]] = MappingProxyType({})
+    streamed: ClassVar[bool] = False
 
     def peek(self) -> bytes | None:
         return self.cache.get(self.key)

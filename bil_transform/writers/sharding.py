@@ -39,6 +39,7 @@ class Shard:
     content_type = BINARY
     compressible = False  # Content-Encoding cannot apply to the ranges clients read shards in
     headers = MappingProxyType({})
+    streamed = False
 
     @property
     def length(self) -> int | None:
