@@ -12,6 +12,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import search
 from .cache import Cache
 from .pyramid import DEFAULT_CHUNK, Pyramid
 from .pyramid.downsample import METHODS
@@ -219,10 +220,10 @@ class Dataset:
             return sorted(p for p in Path(vol.path).rglob("*") if p.is_file())
         return [Path(f) for f in vol.files]
 
-    def matches(self, query: str) -> bool:
-        """Every word of the query appears in the id, the path's own name or a metadata value (any case)."""
-        text = " ".join([self.spec.id, Path(self.spec.path).name, *self.spec.metadata.values()]).lower()
-        return all(word in text for word in query.lower().split())
+    def searchable(self) -> dict[str, str]:
+        """Every field a search may name: the catalog's, the path's own name and what the reader found."""
+        channels = [c.name for c in self.pyramid.volume.channels] if self.pyramid is not None else []
+        return search.fields({**self.summary(), "path": Path(self.spec.path).name}, channels)
 
     def summary(self) -> dict:
         """What the catalog and the reader know without reading voxels."""

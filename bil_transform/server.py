@@ -12,7 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
-from . import access, pages
+from . import access, openapi, pages, search
 from .access import AccessDenied, Tokens
 from .cache import Cache, Section
 from .catalog import Dataset
@@ -46,6 +46,7 @@ TOKENS = web.AppKey("tokens", Tokens)
 TOKEN_PREFIX = re.compile(r"^/token/[^/]+")
 VIEW = r"{view:(?:zarr3?|precomputed)(?:-[a-z0-9_-]+)?}"
 RANGE = re.compile(r"bytes=(?P<first>\d*)-(?P<last>\d*)")
+MAX_PAGE = 1000  # datasets in one page of /api/datasets
 CACHE_CONTROL = "public, max-age=3600"  # derived bytes change only with the source, and then so do their ETags
 
 
@@ -306,11 +307,30 @@ async def dataset_thumbnail(request: web.Request) -> web.Response:
 
 
 async def list_datasets(request: web.Request) -> web.Response:
-    query, base = request.query.get("q", ""), _base_url(request)
-    found = [ds for ds in request.app[DATASETS].values() if ds.matches(query)]
-    viewer = request.app[STATE]["viewer"]
-    return _json(await _in_pool(request, lambda: [
-        {**ds.summary(), "links": pages.links(ds, base, viewer, _may_read(request, ds))} for ds in found]))
+    """/api/datasets?q=&limit=&offset= (search) or ?id=A&id=B (retrieve): a page of matches, their
+    total and facets."""
+    base, viewer, datasets = _base_url(request), request.app[STATE]["viewer"], request.app[DATASETS]
+    try:
+        limit, offset = (int(request.query.get(k, d)) for k, d in (("limit", 100), ("offset", 0)))
+        terms = search.parse(request.query.get("q", ""))
+    except ValueError as exc:
+        raise web.HTTPBadRequest(text=str(exc) if isinstance(exc, search.QueryError)
+                                 else "limit and offset must be whole numbers") from None
+    if not (1 <= limit <= MAX_PAGE and offset >= 0):
+        raise web.HTTPBadRequest(text=f"limit must be 1 to {MAX_PAGE} and offset 0 or more")
+    ids = request.query.getall("id", [])
+
+    def answer() -> dict:
+        if ids:
+            found = [datasets[i] for i in ids if i in datasets]
+        else:
+            found = [ds for ds in datasets.values() if search.matches(terms, ds.searchable())]
+        page = [{**ds.summary(), "links": pages.links(ds, base, viewer, _may_read(request, ds))}
+                for ds in found[offset:offset + limit]]
+        return {"total": len(found), "offset": offset, "limit": limit, "datasets": page,
+                "facets": search.facets([ds.summary() for ds in found])}
+
+    return _json(await _in_pool(request, answer))
 
 
 async def get_dataset(request: web.Request) -> web.Response:
@@ -327,6 +347,10 @@ async def index(request: web.Request) -> web.Response:
     page = await _in_pool(request, pages.index_html, datasets, base, request.app[STATE]["viewer"], readable)
     # links on a page reached with a token carry it: never send them on as a Referer
     return web.Response(text=page, content_type="text/html", headers={"Referrer-Policy": "no-referrer"})
+
+
+async def openapi_document(request: web.Request) -> web.Response:
+    return _json(openapi.document())
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -358,6 +382,7 @@ def create_app(datasets: dict[str, Dataset], cache: Cache, workers: Workers,
     app[TOKENS] = tokens or Tokens()
     app[STATE] = {"queued": 0, "max_queued": workers.threads * 256, "viewer": viewer, "max_region": max_region}
     routes = [("/", index), ("/healthz", healthz), ("/metrics", metrics), ("/api/datasets", list_datasets),
+              ("/api/openapi.json", openapi_document),
               ("/api/datasets/{id}", get_dataset), ("/ds/{id}/thumbnail.png", dataset_thumbnail),
               ("/ds/{id}/region", dataset_region), ("/ds/{id}/manifest.json", dataset_manifest)]
     routes += [(f"/ds/{{id}}{selector}/{VIEW}/{{key:.*}}", dataset_view)

@@ -334,7 +334,7 @@ def test_a_region_decodes_only_what_it_needs(archive, monkeypatch):
 
 def test_broken_inputs_fail_with_the_file_named_and_the_rest_keeps_serving(archive):
     srv, root, _ = archive
-    listed = {d["id"]: d for d in requests.get(srv.url("/api/datasets")).json()}
+    listed = {d["id"]: d for d in requests.get(srv.url("/api/datasets")).json()["datasets"]}
     assert listed["gap"]["status"] == "error"
     assert "1 slice is missing between z029.jp2 and z031.jp2" in listed["gap"]["error"]
     assert listed["stray"]["status"] == "error" and "thumbnail.jp2: stray file" in listed["stray"]["error"]
@@ -390,7 +390,7 @@ def test_no_public_response_names_a_path_on_the_server(archive):
     for link in re.findall(r"(?:href|src)='([^']+)'", index):
         if link.startswith(srv.base):
             get(link)
-    for doc in get(srv.url("/api/datasets")).json():
+    for doc in get(srv.url("/api/datasets")).json()["datasets"]:
         get(srv.url(f"/api/datasets/{doc['id']}"))
         for name, link in doc["links"].items():
             for url in link if isinstance(link, list) else [link]:

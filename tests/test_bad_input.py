@@ -37,7 +37,7 @@ def broken(tmp_path_factory):
 
 def test_unreadable_paths_are_listed_with_their_reason(broken):
     srv, root, _ = broken
-    listed = {d["id"]: d for d in requests.get(srv.url("/api/datasets")).json()}
+    listed = {d["id"]: d for d in requests.get(srv.url("/api/datasets")).json()["datasets"]}
     assert listed["good"]["status"] == listed["truncated"]["status"] == "ok"
     # named relative to the dataset's own root (here: the missing path's own name), never by absolute path
     assert listed["missing"]["status"] == "error" and listed["missing"]["error"].startswith("exist: no such file")

@@ -41,7 +41,7 @@ def test_the_server_serves_datasets_by_their_derived_ids(sources, tmp_path):
     path = _catalog(tmp_path, [f'path = "{root / "slices16"}"', f'path = "{root / "tiled8.tif"}"'])
     srv = Server(path)
     try:
-        listed = [d["id"] for d in requests.get(srv.url("/api/datasets")).json()]
+        listed = [d["id"] for d in requests.get(srv.url("/api/datasets")).json()["datasets"]]
         assert listed == [s.id for s in load_catalog(path)] and all(TRIPLETS.fullmatch(i) for i in listed)
         assert requests.get(srv.url(f"/ds/{listed[0]}/zarr/0/.zarray")).status_code == 200
     finally:

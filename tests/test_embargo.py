@@ -92,7 +92,7 @@ def test_no_304_or_head_without_the_token(server, embargoed):
 
 
 def test_metadata_stays_public_but_nothing_computed_from_the_voxels(embargoed, sources):
-    listed = requests.get(embargoed.url("/api/datasets?q=mouse")).json()
+    listed = requests.get(embargoed.url("/api/datasets?q=mouse")).json()["datasets"]
     assert [d["id"] for d in listed] == ["slices16"] and listed[0]["embargo"] is True
     assert "thumbnail" not in listed[0]["links"] and "neuroglancer" not in listed[0]["links"]
     doc = requests.get(embargoed.url("/api/datasets/ome04")).json()

@@ -91,11 +91,11 @@ def test_all_zero_chunks_are_served(server, sources):
 
 
 def test_api_lists_queries_and_links(server, sources):
-    everything = requests.get(server.url("/api/datasets")).json()
+    everything = requests.get(server.url("/api/datasets")).json()["datasets"]
     assert {d["id"] for d in everything} == set(sources[0])
-    mice = requests.get(server.url("/api/datasets"), params={"q": "MOUSE fmost"}).json()
+    mice = requests.get(server.url("/api/datasets"), params={"q": "MOUSE fmost"}).json()["datasets"]
     assert [d["id"] for d in mice] == ["slices16"]
-    assert requests.get(server.url("/api/datasets"), params={"q": "no-such-word"}).json() == []
+    assert requests.get(server.url("/api/datasets"), params={"q": "no-such-word"}).json()["datasets"] == []
     one = requests.get(server.url("/api/datasets/ome04")).json()
     assert one["shape"] == [1, 2, 40, 130, 120] and one["dtype"] == "uint16"
     assert one["voxel_size"] == pytest.approx([1.5, 0.4, 0.4])

@@ -1,0 +1,99 @@
+"""The OpenAPI 3.1 description of every route, served at /api/openapi.json (a test checks that it
+names every route the app has, and validates real responses against its schemas)."""
+
+from __future__ import annotations
+
+ERROR = {"description": "One sentence saying what is wrong", "content": {"text/plain": {"schema": {"type": "string"}}}}
+UNAUTHORIZED = {"401": {**ERROR, "description": "The dataset is under embargo and no token was sent"},
+                "403": {**ERROR, "description": "The token sent does not open this dataset"}}
+ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
+VIEW = {"name": "view", "in": "path", "required": True, "description":
+        "zarr, zarr3, zarr3-sharded or precomputed, precomputed-sharded, optionally followed by -COMPRESSOR "
+        "(zarr views) or -ENCODING (precomputed views)", "schema": {"type": "string"}}
+KEY = {"name": "key", "in": "path", "required": True, "description": "a store key: metadata document, chunk or shard",
+       "schema": {"type": "string"}}
+BYTES = {"200": {"description": "The bytes (byte ranges answer 206)",
+                 "content": {"application/octet-stream": {}, "application/json": {}}},
+         "304": {"description": "Not modified (If-None-Match)"}, "400": ERROR, "404": ERROR, **UNAUTHORIZED}
+
+
+def _json(schema: str, description: str) -> dict:
+    return {"description": description,
+            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}}}
+
+
+def _view(prefix: str, extra: list[dict]) -> dict:
+    return {"get": {"summary": f"A key of a format view{prefix}", "parameters": [ID, *extra, VIEW, KEY],
+                    "responses": BYTES}}
+
+
+def document() -> dict:
+    channel = {"name": "c", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 0}}
+    time = {"name": "t", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 0}}
+    query = {"name": "q", "in": "query", "schema": {"type": "string"}, "description":
+             'terms ANDed: field:value, a bare word (any field) or a "quoted phrase"'}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "bil-transform", "version": "1", "description":
+                 "Microscopy volumes served on the fly as OME-Zarr and Neuroglancer precomputed. Every path also "
+                 "answers under /token/TOKEN/ (for an embargoed dataset, instead of 'Authorization: Bearer TOKEN')."},
+        "paths": {
+            "/": {"get": {"summary": "The HTML index", "responses": {"200": {"description": "HTML"}}}},
+            "/healthz": {"get": {"summary": "Liveness", "responses": {"200": {"description": "ok"}}}},
+            "/metrics": {"get": {"summary": "Prometheus counters", "responses": {"200": {"description": "text"}}}},
+            "/api/openapi.json": {"get": {"summary": "This document", "responses": {"200": {"description": "JSON"}}}},
+            "/api/datasets": {"get": {
+                "summary": "Search the catalog, or retrieve datasets by id",
+                "parameters": [query, {"name": "id", "in": "query", "schema": {"type": "array", "items": {
+                    "type": "string"}}, "style": "form", "explode": True},
+                    {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
+                    {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0}}],
+                "responses": {"200": _json("SearchResult", "A page of matches"), "400": ERROR}}},
+            "/api/datasets/{id}": {"get": {"summary": "One dataset's metadata and links", "parameters": [ID],
+                                           "responses": {"200": _json("Dataset", "The dataset"), "404": ERROR}}},
+            "/ds/{id}/thumbnail.png": {"get": {"summary": "A small picture", "parameters": [ID], "responses": {
+                "200": {"description": "PNG", "content": {"image/png": {}}}, "404": ERROR, **UNAUTHORIZED}}},
+            "/ds/{id}/manifest.json": {"get": {
+                "summary": "The source files", "parameters": [ID, {"name": "checksums", "in": "query", "schema": {
+                    "enum": ["sha256"]}}],
+                "responses": {"200": _json("Manifest", "Streamed file by file"), "400": ERROR, **UNAUTHORIZED}}},
+            "/ds/{id}/region": {"get": {
+                "summary": "Any box of any level",
+                "parameters": [ID] + [{"name": n, "in": "query", "schema": {"type": "string"}, "description": d}
+                                      for n, d in [("level", "level number"), ("z", "START:STOP"),
+                                                   ("y", "START:STOP"), ("x", "START:STOP"),
+                                                   ("t", "T or START:STOP"), ("c", "C, START:STOP or C,C,..."),
+                                                   ("coords", "level or full"), ("format", "npy, tiff or raw")]],
+                "responses": {"200": {"description": "npy, ImageJ TIFF or raw (X-Shape, X-Dtype)",
+                                      "content": {"application/octet-stream": {}, "image/tiff": {}}},
+                              "400": ERROR, "413": ERROR, **UNAUTHORIZED}}},
+            "/ds/{id}/{view}/{key}": _view("", []),
+            "/ds/{id}/c/{c}/{view}/{key}": _view(", one channel", [channel]),
+            "/ds/{id}/t/{t}/{view}/{key}": _view(", one time point", [time]),
+            "/ds/{id}/t/{t}/c/{c}/{view}/{key}": _view(", one time point and channel", [time, channel]),
+        },
+        "components": {"schemas": {
+            "Summary": {"type": "object", "required": ["id", "kind", "embargo", "status", "links"], "properties": {
+                "id": {"type": "string"}, "kind": {"enum": ["image", "labels"]}, "embargo": {"type": "boolean"},
+                "status": {"enum": ["ok", "error"]}, "error": {"type": "string"}, "format": {"type": "string"},
+                "shape": {"type": "array", "items": {"type": "integer"}, "minItems": 5, "maxItems": 5},
+                "dtype": {"type": "string"}, "voxel_size": {"type": "array", "items": {"type": "number"}},
+                "levels": {"type": "array", "items": {"type": "object", "required": ["shape", "factors", "chunks"]}},
+                "links": {"type": "object", "additionalProperties": {
+                    "oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}}}},
+            "Dataset": {"allOf": [{"$ref": "#/components/schemas/Summary"}, {"type": "object", "properties": {
+                "channels": {"type": "array", "items": {"type": "object", "required": ["name", "color"]}}}}]},
+            "SearchResult": {"type": "object", "required": ["total", "offset", "limit", "datasets", "facets"],
+                             "properties": {
+                                 "total": {"type": "integer"}, "offset": {"type": "integer"},
+                                 "limit": {"type": "integer"},
+                                 "datasets": {"type": "array", "items": {"$ref": "#/components/schemas/Summary"}},
+                                 "facets": {"type": "object", "additionalProperties": {
+                                     "type": "object", "additionalProperties": {"type": "integer"}}}}},
+            "Manifest": {"type": "object", "required": ["id", "files"], "properties": {
+                "id": {"type": "string"}, "files": {"type": "array", "items": {
+                    "type": "object", "required": ["name", "size", "mtime"], "properties": {
+                        "name": {"type": "string"}, "size": {"type": "integer"}, "mtime": {"type": "string"},
+                        "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"}}}}}},
+        }},
+    }
