@@ -67,6 +67,15 @@ def document() -> dict:
                 "responses": {"200": {"description": "npy, ImageJ TIFF or raw (X-Shape, X-Dtype)",
                                       "content": {"application/octet-stream": {}, "image/tiff": {}}},
                               "400": ERROR, "413": ERROR, **UNAUTHORIZED}}},
+            "/ds/{id}/": {"get": {"summary": "The dataset's landing page", "parameters": [ID], "responses": {
+                "200": {"description": "HTML"}, "404": ERROR}}},
+            "/ds/{id}": {"get": {"summary": "The landing page too", "parameters": [ID], "responses": {
+                "200": {"description": "HTML"}, "404": ERROR}}},
+            **{f"/ds/{{id}}{selector}/{{view}}": {"get": {
+                "summary": "A view's root: the landing page for a browser (Accept: text/html), else 404",
+                "parameters": [ID, *extra, VIEW], "responses": {"200": {"description": "HTML"}, "404": ERROR}}}
+               for selector, extra in (("", []), ("/c/{c}", [channel]), ("/t/{t}", [time]),
+                                       ("/t/{t}/c/{c}", [time, channel]))},
             "/ds/{id}/{view}/{key}": _view("", []),
             "/ds/{id}/c/{c}/{view}/{key}": _view(", one channel", [channel]),
             "/ds/{id}/t/{t}/{view}/{key}": _view(", one time point", [time]),

@@ -62,46 +62,102 @@ def neuroglancer_url(ds: Dataset, base: str, viewer: str = DEFAULT_VIEWER) -> st
     return f"{viewer}#!{urllib.parse.quote(state, safe='')}"
 
 
-def index_html(datasets: list[Dataset], base: str, viewer: str = DEFAULT_VIEWER,
-               readable: set[str] | None = None) -> str:
-    """The index; datasets whose ids are not in `readable` (embargoed, no token) show their
-    metadata and URLs, but no thumbnail and no Neuroglancer link."""
+STYLE = ("body{font-family:system-ui,sans-serif;margin:1em;color:#222;max-width:75em}"
+         "table{border-collapse:collapse}td,th{padding:.4em .7em;vertical-align:top;border-top:1px solid #ddd;"
+         "text-align:left}img{background:#000;image-rendering:pixelated}code{font-size:.85em;word-break:break-all}"
+         ".err{color:#a00}.facet a{margin-right:.8em}button{font-size:.75em}")
+COPY = "<button onclick='navigator.clipboard.writeText(this.previousElementSibling.textContent)'>copy</button>"
+
+
+def _page(title: str, body: str) -> str:
+    return ("<!doctype html><html><head><meta charset=utf-8><meta name=viewport content='width=device-width'>"
+            f"<title>{html.escape(title)}</title><style>{STYLE}</style></head><body>{body}</body></html>")
+
+
+def _facts(ds: Dataset) -> str:
+    """Shape, type, voxel size and levels, in one line of HTML."""
+    vol, served = ds.pyramid.volume, ds.summary()["precomputed"]
+    shape = " &times; ".join(map(str, vol.shape[2:][::-1]))
+    extra = ", ".join(f"{n} {a}" for n, a in zip(vol.shape[:2], ("time points", "channels")) if n > 1)
+    voxel = " &times; ".join(f"{v:g}" for v in vol.voxel_size[::-1])
+    dtype = vol.dtype.name + (f" (precomputed: {served['data_type']})" if served["data_type"] != vol.dtype.name
+                              else "")
+    return (f"{shape} voxels (x &times; y &times; z){', ' + extra if extra else ''}; {html.escape(dtype)}, "
+            f"{vol.kind}; {voxel} &micro;m; {len(ds.pyramid.levels)} levels")
+
+
+def index_html(found: list[Dataset], total: int, offset: int, limit: int, facets: dict, query: str, base: str,
+               viewer: str, readable: set[str]) -> str:
+    """One page of the catalog (a search's matches), with the search box, the facets of all matches
+    and links to each dataset's landing page. Datasets not in `readable` show no thumbnail."""
+    e, q = html.escape, urllib.parse.quote_plus
     rows = []
-    for ds in datasets:
-        e = html.escape
+    for ds in found:
+        landing = f"{base}/ds/{ds.spec.id}/"
         title = e(ds.spec.metadata.get("title", ""))
         if ds.pyramid is None:
-            rows.append(f"<tr><td></td><td><b>{e(ds.spec.id)}</b><br>{title}</td>"
-                        f"<td colspan=3 class=err>unavailable: {e(ds.public(ds.error or ''))}</td></tr>")
+            rows.append(f"<tr><td></td><td><a href='{e(landing)}'><b>{e(ds.spec.id)}</b></a><br>{title}</td>"
+                        f"<td class=err>unavailable: {e(ds.public(ds.error or ''))}</td></tr>")
             continue
-        vol, served = ds.pyramid.volume, ds.summary()["precomputed"]
-        reveal = readable is None or ds.spec.id in readable
+        reveal = ds.spec.id in readable
         link = links(ds, base, viewer, reveal)
-        shape = " &times; ".join(map(str, vol.shape[2:][::-1]))
-        extra = ", ".join(f"{n} {a}" for n, a in zip(vol.shape[:2], ("time points", "channels")) if n > 1)
-        voxel = " &times; ".join(f"{v:g}" for v in vol.voxel_size[::-1])
-        dtype = vol.dtype.name
-        if served["data_type"] != dtype:
-            dtype += f" (precomputed: {served['data_type']})"
-        picture = f"<img src='{e(link['thumbnail'])}' loading=lazy alt='' width=128>" if reveal else "under embargo"
+        picture = (f"<img src='{e(link['thumbnail'])}' loading=lazy alt='' width=96>" if reveal
+                   else "under embargo" if ds.spec.embargo else "")
         viewer_link = f"<a href='{e(link['neuroglancer'])}'>open in Neuroglancer</a><br>" if reveal else ""
-        rows.append(
-            f"<tr><td>{picture}</td>"
-            f"<td><b>{e(ds.spec.id)}</b><br>{title}</td>"
-            f"<td>{shape} voxels (x &times; y &times; z){'<br>' + extra if extra else ''}<br>{e(dtype)}, "
-            f"{vol.kind}<br>{voxel} &micro;m, {len(ds.pyramid.levels)} levels</td>"
-            f"<td>{viewer_link}"
-            f"OME-Zarr 0.4: <code>{e(link['zarr'])}</code><br>"
-            f"OME-Zarr 0.5: <code>{e(link['zarr3'])}</code> (sharded: <code>{e(link['zarr3-sharded'])}</code>)<br>"
-            f"precomputed: <code>precomputed://{e(link['precomputed'])}</code> "
-            f"({served['encoding']})</td></tr>"
-        )
-    return (
-        "<!doctype html><html><head><meta charset=utf-8><meta name=viewport content='width=device-width'>"
-        "<title>bil-transform</title><style>body{font-family:system-ui,sans-serif;margin:1em;color:#222}"
-        "table{border-collapse:collapse}td{padding:.4em .7em;vertical-align:top;border-top:1px solid #ddd}"
-        "img{background:#000;image-rendering:pixelated}code{font-size:.85em;word-break:break-all}"
-        ".err{color:#a00}</style></head><body><h1>bil-transform</h1>"
-        f"<p>{len(datasets)} dataset(s). JSON: <a href='/api/datasets'>/api/datasets</a></p>"
-        "<table>" + "".join(rows) + "</table></body></html>"
-    )
+        encoding = ds.summary()["precomputed"]["encoding"]
+        rows.append(f"<tr><td>{picture}</td><td><a href='{e(landing)}'><b>{e(ds.spec.id)}</b></a><br>{title}</td>"
+                    f"<td>{_facts(ds)}</td><td>{viewer_link}<code>precomputed://{e(link['precomputed'])}</code> "
+                    f"({encoding})</td></tr>")
+    facet_lines = "".join(
+        f"<p class=facet>{name}: " + "".join(
+            f"<a href='{e(base)}/?q={q((query + ' ' + name + ':' + shlex_quote(v)).strip())}'>{e(v)} ({n})</a>"
+            for v, n in counts.items()) + "</p>"
+        for name, counts in facets.items() if counts)
+    pages = []
+    if offset > 0:
+        pages.append(f"<a href='{e(base)}/?q={q(query)}&offset={max(0, offset - limit)}'>previous</a>")
+    if offset + limit < total:
+        pages.append(f"<a href='{e(base)}/?q={q(query)}&offset={offset + limit}'>next</a>")
+    shown = f"{offset + 1} to {offset + len(found)} of {total}" if found else f"none of {total}"
+    return _page("bil-transform", (
+        "<h1>bil-transform</h1>"
+        f"<form action='{e(base)}/' method=get><input name=q size=50 value='{e(query)}' "
+        "placeholder='species:mouse technique:fMOST \"whole brain\"'> <button>search</button></form>"
+        f"{facet_lines}<p>Datasets {shown}. {' '.join(pages)} JSON: "
+        f"<a href='{e(base)}/api/datasets?q={q(query)}'>/api/datasets</a></p>"
+        "<table>" + "".join(rows) + "</table>"))
+
+
+def shlex_quote(value: str) -> str:
+    return f'"{value}"' if " " in value else value
+
+
+def landing_html(ds: Dataset, base: str, viewer: str, reveal: bool) -> str:
+    """A dataset's page for people: what it is, and for each view its URL and the line that opens it."""
+    e = html.escape
+    root = f"{base}/ds/{ds.spec.id}"
+    meta = "".join(f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in ds.spec.metadata.items())
+    head = f"<h1>{e(ds.spec.id)}</h1><p>{e(ds.spec.metadata.get('title', ''))}</p>"
+    if ds.pyramid is None:
+        return _page(ds.spec.id, head + f"<p class=err>unavailable: {e(ds.public(ds.error or ''))}</p>"
+                     f"<table>{meta}</table>")
+    link = links(ds, base, viewer, reveal)
+    picture = f"<img src='{e(link['thumbnail'])}' alt='' width=256>" if reveal else (
+        "<p>Under embargo: its voxels need a token.</p>" if ds.spec.embargo else "")
+
+    def line(label: str, text: str) -> str:
+        return f"<tr><th>{label}</th><td><code>{e(text)}</code> {COPY}</td></tr>"
+
+    ways = [line("napari", f"napari --plugin napari-ome-zarr {root}/zarr"),
+            line("zarr-python", f"import zarr; level0 = zarr.open_group('{root}/zarr', mode='r')['0']"),
+            line("Python client", f"from bil_transform.client import open_dataset; ds = open_dataset('{root}')"),
+            line("Neuroglancer", f"precomputed://{root}/precomputed")]
+    if "neuroglancer" in link:
+        ways.append(f"<tr><th></th><td><a href='{e(link['neuroglancer'])}'>open in Neuroglancer</a></td></tr>")
+    views = "".join(line(view, link[view]) for view in ("zarr", "zarr3", "zarr3-sharded", "precomputed",
+                                                          "precomputed-sharded"))
+    return _page(ds.spec.id, (
+        f"{head}{picture}<p>{_facts(ds)}</p><table>{meta}</table>"
+        f"<h2>Open it</h2><table>{''.join(ways)}</table><h2>Views</h2><table>{views}</table>"
+        f"<p>JSON: <a href='{e(link['self'])}'>{e(link['self'])}</a> &middot; "
+        f"<a href='{e(base)}/'>all datasets</a></p>"))

@@ -47,6 +47,7 @@ TOKEN_PREFIX = re.compile(r"^/token/[^/]+")
 VIEW = r"{view:(?:zarr3?|precomputed)(?:-[a-z0-9_-]+)?}"
 RANGE = re.compile(r"bytes=(?P<first>\d*)-(?P<last>\d*)")
 MAX_PAGE = 1000  # datasets in one page of /api/datasets
+INDEX_PAGE = 50  # datasets on one page of the HTML index
 CACHE_CONTROL = "public, max-age=3600"  # derived bytes change only with the source, and then so do their ETags
 
 
@@ -260,6 +261,8 @@ async def _stream(request: web.Request, body: Body, response: web.StreamResponse
 
 async def dataset_view(request: web.Request) -> web.Response:
     """/ds/{id}[/t/{t}][/c/{c}]/{view}/{key}: every format view of every dataset."""
+    if not request.match_info["key"] and _browser(request):
+        return await landing(request)
     ds = await _voxels(request)
     name, key = request.match_info["view"], request.match_info["key"]
     t, c = (int(request.match_info[k]) if k in request.match_info else None for k in ("t", "c"))
@@ -306,25 +309,31 @@ async def dataset_thumbnail(request: web.Request) -> web.Response:
     return await _serve(request, thumbnail((await _voxels(request)).pyramid, request.app[CHUNKS]))
 
 
-async def list_datasets(request: web.Request) -> web.Response:
-    """/api/datasets?q=&limit=&offset= (search) or ?id=A&id=B (retrieve): a page of matches, their
-    total and facets."""
-    base, viewer, datasets = _base_url(request), request.app[STATE]["viewer"], request.app[DATASETS]
+def _search(request: web.Request, default_limit: int) -> tuple[list[Dataset], int, int, str]:
+    """(matching datasets, limit, offset, query) of ?q=&limit=&offset= or ?id=A&id=B; 400 with one
+    sentence for a malformed one."""
+    datasets, query = request.app[DATASETS], request.query.get("q", "")
     try:
-        limit, offset = (int(request.query.get(k, d)) for k, d in (("limit", 100), ("offset", 0)))
-        terms = search.parse(request.query.get("q", ""))
+        limit, offset = (int(request.query.get(k, d)) for k, d in (("limit", default_limit), ("offset", 0)))
+        terms = search.parse(query)
     except ValueError as exc:
         raise web.HTTPBadRequest(text=str(exc) if isinstance(exc, search.QueryError)
                                  else "limit and offset must be whole numbers") from None
     if not (1 <= limit <= MAX_PAGE and offset >= 0):
         raise web.HTTPBadRequest(text=f"limit must be 1 to {MAX_PAGE} and offset 0 or more")
     ids = request.query.getall("id", [])
+    if ids:
+        return [datasets[i] for i in ids if i in datasets], limit, offset, query
+    return [ds for ds in datasets.values() if search.matches(terms, ds.searchable())], limit, offset, query
+
+
+async def list_datasets(request: web.Request) -> web.Response:
+    """/api/datasets?q=&limit=&offset= (search) or ?id=A&id=B (retrieve): a page of matches, their
+    total and facets."""
+    base, viewer = _base_url(request), request.app[STATE]["viewer"]
 
     def answer() -> dict:
-        if ids:
-            found = [datasets[i] for i in ids if i in datasets]
-        else:
-            found = [ds for ds in datasets.values() if search.matches(terms, ds.searchable())]
+        found, limit, offset, _ = _search(request, 100)
         page = [{**ds.summary(), "links": pages.links(ds, base, viewer, _may_read(request, ds))}
                 for ds in found[offset:offset + limit]]
         return {"total": len(found), "offset": offset, "limit": limit, "datasets": page,
@@ -341,12 +350,42 @@ async def get_dataset(request: web.Request) -> web.Response:
                                                   "links": pages.links(ds, base, viewer, reveal)}))
 
 
-async def index(request: web.Request) -> web.Response:
-    datasets, base = list(request.app[DATASETS].values()), _base_url(request)
-    readable = {ds.spec.id for ds in datasets if _may_read(request, ds)}
-    page = await _in_pool(request, pages.index_html, datasets, base, request.app[STATE]["viewer"], readable)
+def _html(page: str) -> web.Response:
     # links on a page reached with a token carry it: never send them on as a Referer
     return web.Response(text=page, content_type="text/html", headers={"Referrer-Policy": "no-referrer"})
+
+
+async def index(request: web.Request) -> web.Response:
+    """The catalog for people: a search box, facets, and one page of matches at a time."""
+    base = _base_url(request)
+
+    def render() -> str:
+        found, limit, offset, query = _search(request, INDEX_PAGE)
+        shown = found[offset:offset + limit]
+        readable = {ds.spec.id for ds in shown if _may_read(request, ds)}
+        return pages.index_html(shown, len(found), offset, limit, search.facets([ds.summary() for ds in found]),
+                                query, base, request.app[STATE]["viewer"], readable)
+
+    return _html(await _in_pool(request, render))
+
+
+async def landing(request: web.Request) -> web.Response:
+    """/ds/{id}/: a dataset's page for people."""
+    ds = _dataset(request, usable=False)
+    base, viewer = _base_url(request), request.app[STATE]["viewer"]
+    return _html(await _in_pool(request, pages.landing_html, ds, base, viewer, _may_read(request, ds)))
+
+
+def _browser(request: web.Request) -> bool:
+    return "text/html" in request.headers.get("Accept", "")
+
+
+async def view_root(request: web.Request) -> web.Response:
+    """A view's bare root (/ds/ID/zarr, the URL people are given): a browser gets the landing page;
+    zarr clients and Neuroglancer never ask for it, so anything else gets the 404 it always got."""
+    if _browser(request):
+        return await landing(request)
+    raise web.HTTPNotFound(text=f"{request.match_info['view']} is a view's root; its keys are below it")
 
 
 async def openapi_document(request: web.Request) -> web.Response:
@@ -385,8 +424,10 @@ def create_app(datasets: dict[str, Dataset], cache: Cache, workers: Workers,
               ("/api/openapi.json", openapi_document),
               ("/api/datasets/{id}", get_dataset), ("/ds/{id}/thumbnail.png", dataset_thumbnail),
               ("/ds/{id}/region", dataset_region), ("/ds/{id}/manifest.json", dataset_manifest)]
-    routes += [(f"/ds/{{id}}{selector}/{VIEW}/{{key:.*}}", dataset_view)
-               for selector in ("", r"/t/{t:\d+}", r"/c/{c:\d+}", r"/t/{t:\d+}/c/{c:\d+}")]
+    routes += [("/ds/{id}", landing), ("/ds/{id}/", landing)]
+    for selector in ("", r"/t/{t:\d+}", r"/c/{c:\d+}", r"/t/{t:\d+}/c/{c:\d+}"):
+        root = f"/ds/{{id}}{selector}/{VIEW}"
+        routes += [(root, view_root), (root + "/{key:.*}", dataset_view)]
     for path, handler in routes:
         app.router.add_get(path, handler)
         app.router.add_get("/token/{token:[^/]+}" + path, handler)

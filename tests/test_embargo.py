@@ -150,3 +150,10 @@ def test_neuroglancer_reads_the_embargoed_data_through_a_path_token(embargoed, s
     assert gray.std() > 10, "the rendered panel is blank"
     z, ys, xs = voxels_under_pixels(screen, src.data.shape[2:])
     assert np.corrcoef(gray.ravel(), src.data[0, 0, z][ys, xs].astype(np.float64).ravel())[0, 1] > 0.99
+
+
+def test_an_embargoed_landing_page_shows_metadata_but_no_pictures(embargoed):
+    closed = requests.get(embargoed.url("/ds/slices16/"), headers={"Accept": "text/html"}).text
+    assert "Slice stack" in closed and "Under embargo" in closed and "thumbnail.png" not in closed
+    opened = requests.get(embargoed.url(f"/token/{EVERYTHING}/ds/slices16/"), headers={"Accept": "text/html"}).text
+    assert f"/token/{EVERYTHING}/ds/slices16/thumbnail.png" in opened

@@ -5,6 +5,7 @@ responses validate against."""
 from __future__ import annotations
 
 import itertools
+import re
 
 import jsonschema
 import pytest
@@ -104,3 +105,18 @@ def test_openapi_names_every_route_and_responses_validate(archive, server):
     check(requests.get(server.url("/ds/slices16/manifest.json?checksums=sha256")).json(), "Manifest")
     with pytest.raises(jsonschema.ValidationError):
         check({"total": 1}, "SearchResult")
+
+
+def test_the_index_pages_through_matches_with_facets(archive):
+    srv, entries = archive
+    def landing_links(page: str) -> list[str]:
+        return re.findall(r"href='[^']*/ds/(ds\d\d)/'", page)
+
+    first = requests.get(srv.url("/"), headers={"Accept": "text/html"}).text
+    assert "<form" in first and "name=q" in first
+    assert len(landing_links(first)) == 50 and f"1 to 50 of {len(entries)}" in first  # one page, never all 60
+    assert "offset=50" in first and f"mouse ({sum(e['species'] == 'mouse' for e in entries)})" in first
+    second = requests.get(srv.url("/?offset=50")).text
+    assert "51 to 60 of 60" in second and landing_links(second) == [f"ds{i}" for i in range(50, 60)]
+    rats = requests.get(srv.url("/"), params={"q": "species:rat"}).text
+    assert landing_links(rats) == [e["id"] for e in entries if e["species"] == "rat"]
