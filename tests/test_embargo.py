@@ -1,8 +1,9 @@
 """Embargo (issue 12, part 1): an embargoed dataset's voxels reach only requests with a token that
 opens it, by every route that carries them, while its catalog metadata stays public.
 
-Every held-in source is served a second time, embargoed, by its own server; its bytes with a
-valid token must be exactly what the public server sends for the same dataset and key.
+Every held-in source (TIFF stacks and files, OME-TIFF, Zarr v2/v3, OME-Zarr 0.4/0.5, and below
+JPEG2000 and Imaris) is served a second time, embargoed; its bytes with a valid token must be
+exactly what the public server sends for the same dataset and key.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import hashlib
 import urllib.parse
 
 import aiohttp
+import imagecodecs
 import neuroglancer
 import numpy as np
 import pytest
@@ -18,6 +20,7 @@ import requests
 import tensorstore as ts
 import zarr
 from conftest import Server
+from imaris_writer import write_ims
 from neuroglancer_browser import Browser, check_exchanges, layers, voxels_under_pixels
 
 EVERYTHING = "open-all-datasets-0123"  # a token that opens every dataset
@@ -157,3 +160,39 @@ def test_an_embargoed_landing_page_shows_metadata_but_no_pictures(embargoed):
     assert "Slice stack" in closed and "Under embargo" in closed and "thumbnail.png" not in closed
     opened = requests.get(embargoed.url(f"/token/{EVERYTHING}/ds/slices16/"), headers={"Accept": "text/html"}).text
     assert f"/token/{EVERYTHING}/ds/slices16/thumbnail.png" in opened
+
+
+@pytest.fixture(scope="module")
+def archive_pair(tmp_path_factory):
+    """A JPEG2000 stack and an Imaris file, each in the catalog twice: open, and embargoed."""
+    root = tmp_path_factory.mktemp("embargo-archive")
+    rng = np.random.default_rng(3)
+    (root / "jp2").mkdir()
+    for z in range(5):
+        (root / "jp2" / f"z{z}.jp2").write_bytes(imagecodecs.jpeg2k_encode(
+            rng.integers(0, 60000, (70, 90)).astype(np.uint16), level=0, codecformat="jp2", reversible=True))
+    write_ims(root / "brain.ims", rng.integers(0, 250, (1, 2, 9, 40, 50)).astype(np.uint8), levels=2,
+              chunks=(4, 16, 16))
+    catalog = root / "catalog.toml"
+    catalog.write_text("".join(f'[[datasets]]\nid = "{i}{s}"\npath = "{root / p}"\nembargo = {str(e).lower()}\n\n'
+                               for i, p in (("jp2", "jp2"), ("ims", "brain.ims"))
+                               for s, e in (("", True), ("-open", False))))
+    tokens = root / "tokens.toml"
+    tokens.write_text(f'[[tokens]]\ntoken = "{EVERYTHING}"\ndatasets = ["*"]\n')
+    srv = Server(catalog, ["--tokens", str(tokens)])
+    yield srv
+    srv.stop()
+
+
+@pytest.mark.parametrize("ident", ["jp2", "ims"])
+def test_jpeg2000_and_imaris_are_embargoed_too(archive_pair, ident):
+    srv = archive_pair
+    for key in ("zarr/0/0/0/0/0/0", "zarr/1/0/0/0/0/0", "zarr3/0/c/0/0/0/0/0", "precomputed-sharded/0/0.shard",
+                "region?level=0&format=raw", "manifest.json", "thumbnail.png"):
+        path = f"/ds/{ident}/{key}"
+        assert requests.get(srv.url(path)).status_code == 401, path
+        opened = requests.get(srv.url(f"/token/{EVERYTHING}{path}"), headers=IDENTITY)
+        public = requests.get(srv.url(path.replace(f"/ds/{ident}/", f"/ds/{ident}-open/")), headers=IDENTITY)
+        assert opened.status_code == public.status_code == 200, path
+        if "manifest" not in key:  # a manifest names its dataset
+            assert opened.content == public.content, path
