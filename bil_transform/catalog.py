@@ -182,6 +182,8 @@ class Dataset:
             self.pyramid = pyramid
         except (SourceError, ValueError, OSError) as exc:
             self.error = str(exc)
+        except Exception as exc:  # never let one dataset stop the server from starting
+            self.error = f"{spec.path}: cannot be opened ({type(exc).__name__}: {exc})"
 
     def check_due(self) -> bool:
         return time.monotonic() - self._checked >= self.recheck

@@ -83,3 +83,23 @@ def test_bad_catalog_is_a_clear_cli_error(tmp_path):
     run = subprocess.run([sys.executable, "-m", "bil_transform", "serve", "--config", str(catalog)],
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 2 and "id 'a b' may use only letters" in run.stderr
+
+
+def test_a_damaged_file_marks_only_its_dataset_unavailable_and_the_server_starts(tmp_path):
+    """Issue 13, point 1: files that trip a parser outside its own checks (a TIFF cut after its header
+    gave IndexError) no longer stop the start-up; the dataset says which file and what is wrong."""
+    tifffile.imwrite(tmp_path / "good.tif", np.arange(4 * 32 * 32, dtype=np.uint16).reshape(4, 32, 32),
+                     photometric="minisblack")
+    (tmp_path / "cut.tif").write_bytes((tmp_path / "good.tif").read_bytes()[:8])  # a header and nothing else
+    catalog = tmp_path / "catalog.toml"
+    catalog.write_text(f'[[datasets]]\nid = "cut"\npath = "{tmp_path / "cut.tif"}"\n\n'
+                       f'[[datasets]]\nid = "good"\npath = "{tmp_path / "good.tif"}"\n')
+    srv = Server(catalog)
+    try:
+        listed = {d["id"]: d for d in requests.get(srv.url("/api/datasets")).json()["datasets"]}
+        assert listed["good"]["status"] == "ok"
+        assert listed["cut"]["status"] == "error" and listed["cut"]["error"].startswith("cut.tif: ")
+        assert "IndexError" in listed["cut"]["error"] and str(tmp_path) not in listed["cut"]["error"]
+        assert requests.get(srv.url("/ds/good/zarr/0/0/0/0/0/0")).status_code == 200
+    finally:
+        srv.stop()

@@ -65,9 +65,15 @@ def open_source(path: str | Path, segments: Section | None = None) -> Reader:
     p = Path(path).expanduser()
     if not p.exists() and not (is_glob(p) and glob.glob(str(p))):
         raise SourceError(f"{p}: no such file or directory")
-    for _name, detect, factory in REGISTRY:
+    for name, detect, factory in REGISTRY:
         if detect(p):
-            return factory(p, segments)
+            try:
+                return factory(p, segments)
+            except SourceError:
+                raise
+            except Exception as exc:  # a damaged file trips a parser anywhere: say which file, and how
+                raise SourceError(f"{p}: damaged or not a readable {name} source ({type(exc).__name__}: {exc})") \
+                    from exc
     raise SourceError(f"{p}: not a supported source: {_contents(p)}")
 
 
