@@ -110,7 +110,7 @@ def index_html(found: list[Dataset], total: int, offset: int, limit: int, facets
                     f"({encoding})</td></tr>")
     facet_lines = "".join(
         f"<p class=facet>{name}: " + "".join(
-            f"<a href='{e(base)}/?q={q((query + ' ' + name + ':' + shlex_quote(v)).strip())}'>{e(v)} ({n})</a>"
+            f"<a href='{e(base)}/?q={q((query + ' ' + name + ':' + _quoted(v)).strip())}'>{e(v)} ({n})</a>"
             for v, n in counts.items()) + "</p>"
         for name, counts in facets.items() if counts)
     pages = []
@@ -128,7 +128,7 @@ def index_html(found: list[Dataset], total: int, offset: int, limit: int, facets
         "<table>" + "".join(rows) + "</table>"))
 
 
-def shlex_quote(value: str) -> str:
+def _quoted(value: str) -> str:
     return f'"{value}"' if " " in value else value
 
 

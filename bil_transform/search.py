@@ -5,7 +5,6 @@ facets count the matches per value of a few fields."""
 from __future__ import annotations
 
 import re
-import shlex
 from collections import Counter
 from collections.abc import Iterable
 
@@ -33,7 +32,7 @@ def parse(query: str) -> list[tuple[str | None, str]]:
     for m in TERM.finditer(query):
         value = m["value"]
         if value.startswith('"'):
-            value = shlex.split(value)[0] if value != '""' else ""
+            value = value[1:-1]
         if value:
             terms.append((m["field"].lower() if m["field"] else None, value.lower()))
     return terms
@@ -47,5 +46,5 @@ def matches(terms: list[tuple[str | None, str]], searchable: dict[str, str]) -> 
 
 
 def facets(matched: list[dict[str, str]]) -> dict[str, dict[str, int]]:
-    """For each facet field, how many matches have each value (values as the catalog writes them)."""
+    """For each facet field, how many matches (their `fields`) have each value, as the catalog writes it."""
     return {name: dict(Counter(m[name] for m in matched if m.get(name)).most_common()) for name in FACETS}

@@ -17,9 +17,10 @@ from .access import AccessDenied, Tokens
 from .cache import Cache, Section
 from .catalog import Dataset
 from .readers import SourceError
+from .readers.files import checksummer, source_files
 from .workers import Workers
 from .writers import make_view
-from .writers.manifest import CHECKSUMS, Manifest, source_files
+from .writers.manifest import Manifest
 from .writers.region import Region, RegionBody, RegionTooLarge
 from .writers.resource import Body
 from .writers.thumbnail import thumbnail
@@ -299,19 +300,21 @@ async def dataset_manifest(request: web.Request) -> web.StreamResponse:
     """/ds/{id}/manifest.json[?checksums=sha256]: the source files, streamed file by file."""
     ds = await _voxels(request)
     checksum = request.query.get("checksums")
-    if checksum is not None and checksum not in CHECKSUMS:
-        raise web.HTTPBadRequest(text=f"checksums={checksum!r} is not one of {', '.join(CHECKSUMS)}")
-    files = await _in_pool(request, source_files, ds.source_paths(), ds.root)
-    return await _serve(request, Manifest(ds.spec.id, files, checksum, request.app[CHUNKS]))
+    try:
+        digest = checksummer(checksum, request.app[CHUNKS]) if checksum is not None else None
+    except ValueError as exc:
+        raise web.HTTPBadRequest(text=str(exc)) from None
+    files = await _in_pool(request, lambda: source_files(ds.source_paths(), ds.root))
+    return await _serve(request, Manifest(ds.spec.id, files, checksum, digest))
 
 
 async def dataset_thumbnail(request: web.Request) -> web.Response:
     return await _serve(request, thumbnail((await _voxels(request)).pyramid, request.app[CHUNKS]))
 
 
-def _search(request: web.Request, default_limit: int) -> tuple[list[Dataset], int, int, str]:
-    """(matching datasets, limit, offset, query) of ?q=&limit=&offset= or ?id=A&id=B; 400 with one
-    sentence for a malformed one."""
+def _search(request: web.Request, default_limit: int) -> tuple[list[Dataset], dict, int, int, str]:
+    """(matching datasets, their facets, limit, offset, query) of ?q=&limit=&offset= or ?id=A&id=B;
+    400 with one sentence for a malformed one. Runs on the workers: it reads every dataset's fields."""
     datasets, query = request.app[DATASETS], request.query.get("q", "")
     try:
         limit, offset = (int(request.query.get(k, d)) for k, d in (("limit", default_limit), ("offset", 0)))
@@ -322,9 +325,10 @@ def _search(request: web.Request, default_limit: int) -> tuple[list[Dataset], in
     if not (1 <= limit <= MAX_PAGE and offset >= 0):
         raise web.HTTPBadRequest(text=f"limit must be 1 to {MAX_PAGE} and offset 0 or more")
     ids = request.query.getall("id", [])
-    if ids:
-        return [datasets[i] for i in ids if i in datasets], limit, offset, query
-    return [ds for ds in datasets.values() if search.matches(terms, ds.searchable())], limit, offset, query
+    candidates = [datasets[i] for i in ids if i in datasets] if ids else list(datasets.values())
+    fields = [(ds, ds.searchable()) for ds in candidates]
+    found = [(ds, f) for ds, f in fields if ids or search.matches(terms, f)]
+    return [ds for ds, _ in found], search.facets([f for _, f in found]), limit, offset, query
 
 
 async def list_datasets(request: web.Request) -> web.Response:
@@ -333,11 +337,10 @@ async def list_datasets(request: web.Request) -> web.Response:
     base, viewer = _base_url(request), request.app[STATE]["viewer"]
 
     def answer() -> dict:
-        found, limit, offset, _ = _search(request, 100)
+        found, facets, limit, offset, _ = _search(request, 100)
         page = [{**ds.summary(), "links": pages.links(ds, base, viewer, _may_read(request, ds))}
                 for ds in found[offset:offset + limit]]
-        return {"total": len(found), "offset": offset, "limit": limit, "datasets": page,
-                "facets": search.facets([ds.summary() for ds in found])}
+        return {"total": len(found), "offset": offset, "limit": limit, "datasets": page, "facets": facets}
 
     return _json(await _in_pool(request, answer))
 
@@ -360,11 +363,11 @@ async def index(request: web.Request) -> web.Response:
     base = _base_url(request)
 
     def render() -> str:
-        found, limit, offset, query = _search(request, INDEX_PAGE)
+        found, facets, limit, offset, query = _search(request, INDEX_PAGE)
         shown = found[offset:offset + limit]
         readable = {ds.spec.id for ds in shown if _may_read(request, ds)}
-        return pages.index_html(shown, len(found), offset, limit, search.facets([ds.summary() for ds in found]),
-                                query, base, request.app[STATE]["viewer"], readable)
+        return pages.index_html(shown, len(found), offset, limit, facets, query, base, request.app[STATE]["viewer"],
+                                readable)
 
     return _html(await _in_pool(request, render))
 

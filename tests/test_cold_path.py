@@ -78,6 +78,7 @@ def test_a_slab_covers_whole_source_rows_and_stays_bounded(tmp_path):
     assert ds.pyramid.slab(0, (0, 2, 5)) == (range(0, 1), range(2, 3), range(0, 16))
     with pytest.MonkeyPatch.context() as m:
         m.setattr(bil_transform.pyramid, "SLAB_BYTES", 4 * 64 * 64 * 2 * 4)  # four blocks at most
+        ds = Dataset(_spec(tmp_path, chunk=(4, 64, 64)), Cache(2**28))  # slab sizes are planned at open
         assert ds.pyramid.slab(0, (0, 2, 5)) == (range(0, 1), range(2, 3), range(4, 8))
 
 

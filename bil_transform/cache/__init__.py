@@ -21,11 +21,7 @@ COUNTERS = ("hits", "misses", "evictions", "bytes", "entries")
 
 
 def nbytes(value: Any) -> int:
-    if isinstance(value, np.ndarray):
-        return value.nbytes
-    if isinstance(value, memoryview):
-        return value.nbytes
-    return len(value)
+    return value.nbytes if isinstance(value, np.ndarray) else len(value)
 
 
 class Cache:
@@ -82,10 +78,6 @@ class Section:
     def __init__(self, cache: Cache, name: str):
         self.cache, self.name = cache, name
         self.counts = dict.fromkeys(COUNTERS, 0)
-
-    @property
-    def max_bytes(self) -> int:
-        return self.cache.max_bytes
 
     def get(self, key: Hashable) -> Any | None:
         """The cached value or None; cheap enough for the event loop."""

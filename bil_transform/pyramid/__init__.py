@@ -77,6 +77,7 @@ class Pyramid:
         self.volume = reader.volume
         self.key = (key, self.volume.version, method, chunk)
         self.levels = plan_levels(reader, chunk)
+        self._spans = {i: self._slab_spans(i) for i, lvl in enumerate(self.levels) if lvl.native is not None}
         self._windows: dict[int, tuple[float, float]] = {}
 
     def display_window(self, c: int) -> tuple[float, float]:
@@ -139,8 +140,13 @@ class Pyramid:
 
     def slab(self, level: int, index: tuple[int, int, int]) -> tuple[range, range, range]:
         """The blocks of a native level read together with block `index` (ranges of block indices
-        along z, y, x): aligned so that they cover whole source blocks (rows, tiles, chunks),
-        halved along their longest side while they would decode more than SLAB_BYTES."""
+        along z, y, x)."""
+        spans, grid = self._spans[level], self.levels[level].grid
+        return tuple(range(i - i % n, min(i - i % n + n, g)) for i, n, g in zip(index, spans, grid))
+
+    def _slab_spans(self, level: int) -> tuple[int, int, int]:
+        """Blocks per slab along z, y, x: aligned so that a slab covers whole source blocks (rows,
+        tiles, chunks), halved along its longest side while it would decode more than SLAB_BYTES."""
         lvl = self.levels[level]
         spans = [min(math.lcm(c, min(b, s)) // c, g)
                  for c, b, s, g in zip(lvl.chunks, self.volume.block_shape, lvl.shape, lvl.grid)]
@@ -148,7 +154,7 @@ class Pyramid:
         while math.prod(n * c for n, c in zip(spans, lvl.chunks)) * itemsize > SLAB_BYTES and max(spans) > 1:
             longest = max(range(3), key=lambda a: spans[a] * lvl.chunks[a] if spans[a] > 1 else 0)
             spans[longest] = -(-spans[longest] // 2)
-        return tuple(range(i - i % n, min(i - i % n + n, g)) for i, n, g in zip(index, spans, lvl.grid))
+        return tuple(spans)
 
     def read(self, level: int, t: int, c: int, region: Region) -> np.ndarray:
         """Any (z, y, x) region of a level, assembled from its blocks."""

@@ -113,7 +113,7 @@ class Region:
     def nbytes(self) -> int:
         return math.prod(self.shape) * self.dtype.itemsize
 
-    def _bands(self) -> Iterator[np.ndarray]:
+    def bands(self) -> Iterator[np.ndarray]:
         """The box in C order, one (time, channel, chunk-deep z band) at a time."""
         (z0, z1), ys, xs = self.box
         depth = self.pyramid.levels[self.level].chunks[0]
@@ -156,7 +156,7 @@ class RegionBody:
         data = np.empty(r.shape, r.dtype)
         flat = data.reshape(-1, *r.shape[3:])
         row = 0
-        for band in r._bands():
+        for band in r.bands():
             flat[row:row + len(band)] = band
             row += len(band)
         voxel = [v * f for v, f in zip(r.pyramid.volume.voxel_size, r.pyramid.levels[r.level].factors)]
@@ -178,5 +178,5 @@ class RegionBody:
 
     def _stream(self) -> Iterator[bytes | np.ndarray]:
         yield self._head
-        for band in self.region._bands():
+        for band in self.region.bands():
             yield np.ascontiguousarray(band, self.region.dtype)

@@ -1,0 +1,51 @@
+"""A dataset's source files as its manifest lists them: names relative to its root, sizes, times,
+and checksums, which are kept in a cache by file version so a second manifest costs a stat a file."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..cache import Section
+
+CHECKSUMS = ("sha256",)
+READ_BLOCK = 4 * 2**20
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    path: Path
+    name: str  # relative to the dataset's root
+    size: int
+    mtime_ns: int
+
+
+def source_files(paths: Sequence[str | Path], root: Path) -> list[SourceFile]:
+    """The files with their current sizes and times (a stat each: run it on the workers)."""
+    found = []
+    for p in sorted(Path(p) for p in paths):
+        st = p.stat()
+        found.append(SourceFile(p, p.relative_to(root).as_posix() if p.is_relative_to(root) else p.name,
+                                st.st_size, st.st_mtime_ns))
+    return found
+
+
+def checksummer(algorithm: str, cache: Section) -> Callable[[SourceFile], str]:
+    """A function giving a file's checksum (hex), computed once per file version."""
+    if algorithm not in CHECKSUMS:
+        raise ValueError(f"checksums={algorithm!r} is not one of {', '.join(CHECKSUMS)}")
+
+    def digest(f: SourceFile) -> str:
+        def compute() -> str:
+            h = hashlib.new(algorithm)
+            with open(f.path, "rb") as fh:
+                while block := fh.read(READ_BLOCK):
+                    h.update(block)
+            return h.hexdigest()
+
+        return cache.get_or_compute((algorithm, os.fspath(f.path), f.size, f.mtime_ns), compute)
+
+    return digest
