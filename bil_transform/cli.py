@@ -14,7 +14,8 @@ from aiohttp import web
 
 from .access import Tokens, TokensError
 from .cache import Cache
-from .catalog import CatalogError, Dataset, DatasetSpec, load_catalog, specs_from_paths
+from .catalog import CatalogError, DatasetSpec, load_catalog, specs_from_paths
+from .dataset import Dataset
 from .pages import DEFAULT_VIEWER
 from .readers import SourceError, open_source
 from .workers import Workers

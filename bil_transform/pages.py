@@ -6,7 +6,7 @@ import html
 import json
 import urllib.parse
 
-from .catalog import Dataset
+from .dataset import Dataset
 
 DEFAULT_VIEWER = "https://neuroglancer-demo.appspot.com/"
 CHANNEL_SHADER = """#uicontrol invlerp normalized

@@ -15,7 +15,7 @@ from aiohttp import web
 from . import access, openapi, pages, search
 from .access import AccessDenied, Tokens
 from .cache import Cache, Section
-from .catalog import Dataset
+from .dataset import Dataset
 from .readers import SourceError
 from .readers.files import checksummer, source_files
 from .workers import Workers

@@ -21,7 +21,8 @@ from reference import reference_levels
 
 import bil_transform.pyramid
 from bil_transform.cache import Cache
-from bil_transform.catalog import Dataset, load_catalog
+from bil_transform.catalog import load_catalog
+from bil_transform.dataset import Dataset
 from bil_transform.workers import Workers
 
 

@@ -13,7 +13,8 @@ import tifffile
 from reference import downsample_mean, downsample_mode
 
 from bil_transform.cache import Cache
-from bil_transform.catalog import Dataset, DatasetSpec
+from bil_transform.catalog import DatasetSpec
+from bil_transform.dataset import Dataset
 from bil_transform.demo import DEMO_VOXEL, make_demo
 from bil_transform.pyramid.downsample import mean, mode
 from bil_transform.readers import SourceError, open_source
