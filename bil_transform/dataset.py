@@ -3,41 +3,82 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
-from . import search
 from .cache import Cache
 from .catalog import DatasetSpec
 from .pyramid import Pyramid
 from .readers import SourceError, open_source
 from .readers.base import version_token
 from .workers import Workers
-from .writers import default_encoding, precomputed_encodings, served_dtype
-from .writers.codecs import COMPRESSORS
+from .writers import precomputed_encodings
+
+log = logging.getLogger("bil_transform")
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One opened state of a dataset: the pyramid (or why there is none) and the stamp of the
+    directories it was listed from. Requests read one snapshot; a reopen builds the next one aside
+    and swaps it in with one assignment, so a dataset never vanishes while it reopens."""
+
+    pyramid: Pyramid | None
+    error: str | None
+    directories: tuple[str, ...] = ()  # their listings are part of the version: a new slice is seen
+    listing: str | None = None  # version_token(directories), taken before the source was opened
+
+    def unchanged(self) -> bool:
+        """Whether the files and listings are still what this snapshot was opened from (both stamps
+        were taken before the files were read, so a change while opening is never missed)."""
+        if self.pyramid is None or self.listing is None:
+            return False
+        try:
+            vol = self.pyramid.volume
+            return version_token(self.directories) == self.listing and version_token(vol.files) == vol.version
+        except OSError:
+            return False  # a file or directory is gone
 
 
 class Dataset:
-    """A catalog entry and, if its source opened, the pyramid over it. A source that fails to
-    open is kept with its error so the server can say why, and every other dataset still works.
+    """A catalog entry and its current snapshot. A source that fails to open is kept with its
+    error so the server can say why, and every other dataset still works.
 
-    The source's version (its files' names, sizes and mtimes) is in every cache key and ETag;
-    `refresh` reopens the source when that version changes, so a changed file is never served stale.
+    The source's version (its files' names, sizes and mtimes) is in every cache key and ETag, and
+    `check` reopens the source when its files or listings change, so a changed file is never served
+    stale. Checks run on their own thread, never queued behind chunk work.
     """
 
     def __init__(self, spec: DatasetSpec, cache: Cache, recheck: float = 2.0, workers: Workers | None = None):
         self.spec, self.cache, self.workers = spec, cache, workers
         self.recheck = recheck  # seconds between checks of the source files
+        self._checks = workers.checks if workers is not None else ThreadPoolExecutor(1)
         self._lock = threading.Lock()
-        self._open()
-
-    def _open(self) -> None:
-        spec = self.spec
-        self.pyramid: Pyramid | None = None
-        self.error: str | None = None
+        self._check: Future | None = None  # the check in flight
+        self._reopening = False
+        self.snapshot = self._open()
         self._checked = time.monotonic()
+
+    @property
+    def pyramid(self) -> Pyramid | None:
+        return self.snapshot.pyramid
+
+    @property
+    def error(self) -> str | None:
+        return self.snapshot.error
+
+    def _open(self) -> Snapshot:
+        spec = self.spec
+        directories = self._directories()
+        try:
+            listing = version_token(directories)
+        except OSError:
+            listing = None
         try:
             reader = open_source(spec.path, self.cache.section("segments"))
             overrides = {"kind": spec.kind}
@@ -51,28 +92,67 @@ class Dataset:
             if spec.encoding and spec.encoding not in encodings:
                 raise ValueError(f"the precomputed encoding {spec.encoding!r} cannot hold this {reader.volume.dtype} "
                                  f"data with {reader.volume.shape[1]} channel(s); use one of {', '.join(encodings)}")
-            self.pyramid = pyramid
         except (SourceError, ValueError, OSError) as exc:
-            self.error = str(exc)
+            return Snapshot(None, str(exc))
         except Exception as exc:  # never let one dataset stop the server from starting
-            self.error = f"{spec.path}: cannot be opened ({type(exc).__name__}: {exc})"
+            return Snapshot(None, f"{spec.path}: cannot be opened ({type(exc).__name__}: {exc})")
+        return Snapshot(pyramid, None, directories, listing)
 
-    def check_due(self) -> bool:
-        return time.monotonic() - self._checked >= self.recheck
+    def _directories(self) -> tuple[str, ...]:
+        """The directories whose listings the source depends on: a directory source's root and its
+        subdirectories (channel directories of a stack, levels of a Zarr group), a glob's directory;
+        none for one file, whose own stat says everything."""
+        path = Path(self.spec.path)
+        if path.is_file():
+            return ()
+        root = self.root
+        try:
+            with os.scandir(root) as entries:
+                return (str(root), *sorted(e.path for e in entries if path.is_dir() and e.is_dir()))
+        except OSError:
+            return (str(root),)
+
+    def check(self) -> Future | None:
+        """Start a check of the files when one is due. Returns what the caller waits for: the check
+        it started, a reopen already in flight (its old snapshot may not match the files), or
+        None, when the current snapshot may be served as it is."""
+        with self._lock:
+            if self._check is not None:
+                return self._check if self._reopening else None
+            if time.monotonic() - self._checked < self.recheck:
+                return None
+            self._checked = time.monotonic()
+            self._check = self._checks.submit(self._refresh)
+            return self._check
 
     def refresh(self) -> None:
-        """Reopen the source if any of its files changed (or it failed to open before)."""
-        with self._lock:
-            if not self.check_due():
+        """Check now and wait (for callers outside the server)."""
+        self._checked = -float("inf")
+        future = self.check()
+        if future is not None:
+            future.result()
+
+    def _refresh(self) -> None:
+        """Reopen the source if its files or listings changed, or it failed to open before. A failed
+        reopen keeps the old snapshot only while its files are unchanged (the failure passed);
+        otherwise the dataset answers that it is unavailable until a reopen succeeds."""
+        try:
+            old = self.snapshot
+            if old.pyramid is not None and old.unchanged():
                 return
-            self._checked = time.monotonic()
-            if self.pyramid is not None:
-                try:
-                    if version_token(self.pyramid.volume.files) == self.pyramid.volume.version:
-                        return
-                except OSError:
-                    pass  # a file is gone: reopening says which
-            self._open()
+            with self._lock:
+                self._reopening = True
+            new = self._open()
+            if new.pyramid is None and old.pyramid is not None and old.unchanged():
+                log.warning("%s: reopening failed, serving the unchanged files as before: %s", self.spec.id,
+                            new.error)
+                return
+            if new.pyramid is None and new.error != old.error:
+                log.warning("%s: unavailable: %s", self.spec.id, new.error)
+            self.snapshot = new
+        finally:
+            with self._lock:
+                self._reopening, self._check = False, None
 
     @property
     def root(self) -> Path:
@@ -85,59 +165,3 @@ class Dataset:
         clients see them; only the operator's log and `bil-transform info` show full paths."""
         root = self.root
         return text.replace(f"{root}{os.sep}", "").replace(str(root), root.name)
-
-    def source_paths(self) -> list[Path]:
-        """Every file the dataset is read from: a Zarr store's every file (its version covers only
-        the metadata), else the files the reader lists."""
-        vol = self.pyramid.volume
-        if vol.format.startswith("zarr"):
-            return sorted(p for p in Path(vol.path).rglob("*") if p.is_file())
-        return [Path(f) for f in vol.files]
-
-    def searchable(self) -> dict[str, str]:
-        """Every field a search may name: the catalog's, the path's own name and what the reader found."""
-        channels = [c.name for c in self.pyramid.volume.channels] if self.pyramid is not None else []
-        return search.fields({**self.summary(), "path": Path(self.spec.path).name}, channels)
-
-    def summary(self) -> dict:
-        """What the catalog and the reader know without reading voxels."""
-        doc: dict = {"id": self.spec.id, **self.spec.metadata, "kind": self.spec.kind, "embargo": self.spec.embargo}
-        if self.pyramid is None:
-            return {**doc, "status": "error", "error": self.public(self.error or "")}
-        vol = self.pyramid.volume
-        served = served_dtype(vol.dtype, vol.kind)
-        return {
-            **doc,
-            "status": "ok",
-            "format": vol.format,
-            "shape": list(vol.shape),
-            "axes": ["t", "c", "z", "y", "x"],
-            "dtype": vol.dtype.name,
-            "voxel_size": list(vol.voxel_size),
-            "voxel_size_unit": "micrometer",
-            "voxel_size_known": vol.voxel_size_known,
-            "downsample": self.pyramid.method,
-            "zarr": {"compression": self.spec.compression, "compressions": list(COMPRESSORS)},
-            "precomputed": {
-                "data_type": served.name,
-                "encoding": self.spec.encoding or default_encoding(served, vol.kind),
-                "encodings": precomputed_encodings(self.pyramid),
-            },
-            "levels": [
-                {"shape": list(lvl.shape), "factors": list(lvl.factors), "chunks": list(lvl.chunks),
-                 "native": lvl.native is not None}
-                for lvl in self.pyramid.levels
-            ],
-        }
-
-    def describe(self, reveal: bool = True) -> dict:
-        """The summary plus channels; with `reveal`, their display windows too (which may read one
-        plane to estimate contrast, so an embargoed dataset shows them only to a token holder)."""
-        doc = self.summary()
-        if self.pyramid is not None:
-            doc["channels"] = [
-                {"name": ch.name, "color": ch.color,
-                 **({"window": list(self.pyramid.display_window(c))} if reveal else {})}
-                for c, ch in enumerate(self.pyramid.volume.channels)
-            ]
-        return doc

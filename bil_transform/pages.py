@@ -6,6 +6,7 @@ import html
 import json
 import urllib.parse
 
+from . import records
 from .dataset import Dataset
 
 DEFAULT_VIEWER = "https://neuroglancer-demo.appspot.com/"
@@ -22,15 +23,16 @@ def links(ds: Dataset, base: str, viewer: str = DEFAULT_VIEWER, reveal: bool = T
     carry what is computed from the voxels, are left out; the URLs answer 401 until a token comes."""
     root = f"{base}/ds/{ds.spec.id}"
     out = {"self": f"{base}/api/datasets/{ds.spec.id}"}
-    if ds.pyramid is None:
+    snap = ds.snapshot  # one version throughout, though a reopen may swap it meanwhile
+    if snap.pyramid is None:
         return out
     out.update({view: f"{root}/{view}" for view in ("zarr", "zarr3", "zarr3-sharded", "precomputed",
                                                     "precomputed-sharded")})
     if reveal:
         out["thumbnail"] = f"{root}/thumbnail.png"
-    encodings = ds.summary()["precomputed"]["encodings"]
+    encodings = records.summary(ds, snap)["precomputed"]["encodings"]
     out.update({f"precomputed-{e}": f"{root}/precomputed-{e}" for e in encodings})
-    t, c = ds.pyramid.volume.shape[:2]
+    t, c = snap.pyramid.volume.shape[:2]
     if c > 1:
         out["precomputed_channels"] = [f"{root}/c/{i}/precomputed" for i in range(c)]
     if t > 1:
@@ -42,17 +44,18 @@ def links(ds: Dataset, base: str, viewer: str = DEFAULT_VIEWER, reveal: bool = T
 
 def neuroglancer_state(ds: Dataset, base: str) -> dict:
     """Layers pointing at this server: one per channel (coloured, additive) for multi-channel images."""
-    vol = ds.pyramid.volume
+    pyramid = ds.pyramid
+    vol = pyramid.volume
     root = f"precomputed://{base}/ds/{ds.spec.id}"
     if vol.kind == "labels":
         layers = [{"type": "segmentation", "source": f"{root}/precomputed", "name": ds.spec.id}]
     elif vol.shape[1] == 1:
         layers = [{"type": "image", "source": f"{root}/precomputed", "name": ds.spec.id,
-                   "shaderControls": {"normalized": {"range": list(ds.pyramid.display_window(0))}}}]
+                   "shaderControls": {"normalized": {"range": list(pyramid.display_window(0))}}}]
     else:
         layers = [{"type": "image", "source": f"{root}/c/{c}/precomputed", "name": f"{ds.spec.id} {ch.name}",
                    "blend": "additive", "shader": CHANNEL_SHADER.format(color="#" + ch.color.lower()),
-                   "shaderControls": {"normalized": {"range": list(ds.pyramid.display_window(c))}}}
+                   "shaderControls": {"normalized": {"range": list(pyramid.display_window(c))}}}
                   for c, ch in enumerate(vol.channels[:MAX_LAYERS])]
     return {"layers": layers, "layout": "4panel"}
 
@@ -76,7 +79,7 @@ def _page(title: str, body: str) -> str:
 
 def _facts(ds: Dataset) -> str:
     """Shape, type, voxel size and levels, in one line of HTML."""
-    vol, served = ds.pyramid.volume, ds.summary()["precomputed"]
+    vol, served = ds.pyramid.volume, records.summary(ds)["precomputed"]
     shape = " &times; ".join(map(str, vol.shape[2:][::-1]))
     extra = ", ".join(f"{n} {a}" for n, a in zip(vol.shape[:2], ("time points", "channels")) if n > 1)
     voxel = " &times; ".join(f"{v:g}" for v in vol.voxel_size[::-1])
@@ -104,7 +107,7 @@ def index_html(found: list[Dataset], total: int, offset: int, limit: int, facets
         picture = (f"<img src='{e(link['thumbnail'])}' loading=lazy alt='' width=96>" if reveal
                    else "under embargo" if ds.spec.embargo else "")
         viewer_link = f"<a href='{e(link['neuroglancer'])}'>open in Neuroglancer</a><br>" if reveal else ""
-        encoding = ds.summary()["precomputed"]["encoding"]
+        encoding = records.summary(ds)["precomputed"]["encoding"]
         rows.append(f"<tr><td>{picture}</td><td><a href='{e(landing)}'><b>{e(ds.spec.id)}</b></a><br>{title}</td>"
                     f"<td>{_facts(ds)}</td><td>{viewer_link}<code>precomputed://{e(link['precomputed'])}</code> "
                     f"({encoding})</td></tr>")

@@ -6,18 +6,20 @@ import asyncio
 import hashlib
 import json
 import logging
+import math
 import re
 from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
 
-from . import access, openapi, pages, search
+from . import access, openapi, pages, records, search
 from .access import AccessDenied, Tokens
 from .cache import Cache, Section
 from .dataset import Dataset
+from .pyramid import Pyramid
 from .readers import SourceError
-from .readers.files import checksummer, source_files
+from .readers.files import checksummer, source_files, volume_files
 from .workers import Workers
 from .writers import make_view
 from .writers.manifest import Manifest
@@ -111,13 +113,11 @@ async def _in_pool(request: web.Request, fn: Callable[..., Any], *args) -> Any:
         state["queued"] -= 1
 
 
-def _dataset(request: web.Request, *, usable: bool = True) -> Dataset:
+def _dataset(request: web.Request) -> Dataset:
     ident = request.match_info["id"]
     ds = request.app[DATASETS].get(ident)
     if ds is None:
         raise web.HTTPNotFound(text=f"No dataset with id {ident!r}")
-    if usable and ds.pyramid is None:
-        raise web.HTTPNotFound(text=f"Dataset {ident!r} is unavailable: {ds.public(ds.error or '')}")
     return ds
 
 
@@ -134,15 +134,21 @@ def _may_read(request: web.Request, ds: Dataset) -> bool:
     return access.allowed(ds.spec.id, ds.spec.embargo, _token(request), request.app[TOKENS])
 
 
-async def _voxels(request: web.Request) -> Dataset:
-    """The dataset whose voxels a request reads: the access check every voxel route passes
-    (before anything is computed or revealed, a 304 included), then reopened first if its files
-    changed since they were last checked."""
-    ds = _dataset(request, usable=False)
+async def _voxels(request: web.Request) -> tuple[Dataset, Pyramid]:
+    """The dataset whose voxels a request reads, and the pyramid of its current snapshot: the
+    access check every voxel route passes (before anything is computed or revealed, a 304
+    included), then the check of its files when one is due. An unavailable dataset answers 503
+    with Retry-After, never 404: a zarr client reads a 404 chunk as zeros."""
+    ds = _dataset(request)
     access.check(ds.spec.id, ds.spec.embargo, _token(request), request.app[TOKENS])
-    if ds.check_due():
-        await _in_pool(request, ds.refresh)
-    return _dataset(request)
+    pending = ds.check()
+    if pending is not None:
+        await asyncio.wrap_future(pending)
+    snap = ds.snapshot
+    if snap.pyramid is None:
+        raise web.HTTPServiceUnavailable(text=f"Dataset {ds.spec.id!r} is unavailable: {ds.public(snap.error or '')}",
+                                         headers={"Retry-After": str(max(1, math.ceil(ds.recheck)))})
+    return ds, snap.pyramid
 
 
 def _base_url(request: web.Request) -> str:
@@ -264,11 +270,11 @@ async def dataset_view(request: web.Request) -> web.Response:
     """/ds/{id}[/t/{t}][/c/{c}]/{view}/{key}: every format view of every dataset."""
     if not request.match_info["key"] and _browser(request):
         return await landing(request)
-    ds = await _voxels(request)
+    ds, pyramid = await _voxels(request)
     name, key = request.match_info["view"], request.match_info["key"]
     t, c = (int(request.match_info[k]) if k in request.match_info else None for k in ("t", "c"))
     try:
-        view = make_view(ds.pyramid, name, request.app[CHUNKS], compression=ds.spec.compression,
+        view = make_view(pyramid, name, request.app[CHUNKS], compression=ds.spec.compression,
                          encoding=ds.spec.encoding, t=t, channel=c)
     except KeyError as exc:
         raise web.HTTPNotFound(text=exc.args[0]) from None
@@ -285,10 +291,10 @@ async def dataset_view(request: web.Request) -> web.Response:
 
 async def dataset_region(request: web.Request) -> web.StreamResponse:
     """/ds/{id}/region?level=&z=&y=&x=[&t=][&c=][&coords=][&format=]: any box of any level."""
-    ds = await _voxels(request)
+    _, pyramid = await _voxels(request)
     limit = request.app[STATE]["max_region"]
     try:
-        region = Region.parse(ds.pyramid, request.query, limit)
+        region = Region.parse(pyramid, request.query, limit)
     except RegionTooLarge as exc:
         raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=0, text=str(exc)) from None
     except ValueError as exc:
@@ -298,18 +304,18 @@ async def dataset_region(request: web.Request) -> web.StreamResponse:
 
 async def dataset_manifest(request: web.Request) -> web.StreamResponse:
     """/ds/{id}/manifest.json[?checksums=sha256]: the source files, streamed file by file."""
-    ds = await _voxels(request)
+    ds, pyramid = await _voxels(request)
     checksum = request.query.get("checksums")
     try:
         digest = checksummer(checksum, request.app[CHUNKS]) if checksum is not None else None
     except ValueError as exc:
         raise web.HTTPBadRequest(text=str(exc)) from None
-    files = await _in_pool(request, lambda: source_files(ds.source_paths(), ds.root))
+    files = await _in_pool(request, lambda: source_files(volume_files(pyramid.volume), ds.root))
     return await _serve(request, Manifest(ds.spec.id, files, checksum, digest))
 
 
 async def dataset_thumbnail(request: web.Request) -> web.Response:
-    return await _serve(request, thumbnail((await _voxels(request)).pyramid, request.app[CHUNKS]))
+    return await _serve(request, thumbnail((await _voxels(request))[1], request.app[CHUNKS]))
 
 
 def _search(request: web.Request, default_limit: int) -> tuple[list[Dataset], dict, int, int, str]:
@@ -326,7 +332,7 @@ def _search(request: web.Request, default_limit: int) -> tuple[list[Dataset], di
         raise web.HTTPBadRequest(text=f"limit must be 1 to {MAX_PAGE} and offset 0 or more")
     ids = request.query.getall("id", [])
     candidates = [datasets[i] for i in ids if i in datasets] if ids else list(datasets.values())
-    fields = [(ds, ds.searchable()) for ds in candidates]
+    fields = [(ds, records.searchable(ds)) for ds in candidates]
     found = [(ds, f) for ds, f in fields if ids or search.matches(terms, f)]
     return [ds for ds, _ in found], search.facets([f for _, f in found]), limit, offset, query
 
@@ -338,7 +344,7 @@ async def list_datasets(request: web.Request) -> web.Response:
 
     def answer() -> dict:
         found, facets, limit, offset, _ = _search(request, 100)
-        page = [{**ds.summary(), "links": pages.links(ds, base, viewer, _may_read(request, ds))}
+        page = [{**records.summary(ds), "links": pages.links(ds, base, viewer, _may_read(request, ds))}
                 for ds in found[offset:offset + limit]]
         return {"total": len(found), "offset": offset, "limit": limit, "datasets": page, "facets": facets}
 
@@ -346,10 +352,10 @@ async def list_datasets(request: web.Request) -> web.Response:
 
 
 async def get_dataset(request: web.Request) -> web.Response:
-    ds = _dataset(request, usable=False)
+    ds = _dataset(request)
     base, viewer = _base_url(request), request.app[STATE]["viewer"]
     reveal = _may_read(request, ds)
-    return _json(await _in_pool(request, lambda: {**ds.describe(reveal),
+    return _json(await _in_pool(request, lambda: {**records.describe(ds, reveal),
                                                   "links": pages.links(ds, base, viewer, reveal)}))
 
 
@@ -374,7 +380,7 @@ async def index(request: web.Request) -> web.Response:
 
 async def landing(request: web.Request) -> web.Response:
     """/ds/{id}/: a dataset's page for people."""
-    ds = _dataset(request, usable=False)
+    ds = _dataset(request)
     base, viewer = _base_url(request), request.app[STATE]["viewer"]
     return _html(await _in_pool(request, pages.landing_html, ds, base, viewer, _may_read(request, ds)))
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..cache import Section
+from .base import Volume
 
 CHECKSUMS = ("sha256",)
 READ_BLOCK = 4 * 2**20
@@ -21,6 +22,14 @@ class SourceFile:
     name: str  # relative to the dataset's root
     size: int
     mtime_ns: int
+
+
+def volume_files(volume: Volume) -> list[Path]:
+    """Every file a volume is read from: a Zarr store's every file (its version covers only the
+    metadata), else the files the reader lists."""
+    if volume.format.startswith("zarr"):
+        return sorted(p for p in Path(volume.path).rglob("*") if p.is_file())
+    return [Path(f) for f in volume.files]
 
 
 def source_files(paths: Sequence[str | Path], root: Path) -> list[SourceFile]:
