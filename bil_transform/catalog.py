@@ -3,19 +3,31 @@ and checked here; served by dataset.py)."""
 
 from __future__ import annotations
 
+import datetime
+import difflib
 import hashlib
+import math
+import os
 import re
+import shlex
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .pyramid import DEFAULT_CHUNK
 from .pyramid.downsample import METHODS
+from .readers.base import natural_key
 from .writers.codecs import COMPRESSORS
 from .writers.precomputed import ENCODINGS
 
 KINDS = ("image", "labels")
-KNOWN_KEYS = {"id", "path", "voxel_size", "kind", "embargo", "downsample", "compression", "encoding", "chunk"}
+METADATA = "metadata"  # [datasets.metadata]: free metadata under any name
+# The fields of a [[datasets]] table (DatasetSpec's, checked in _fields); any other key is free metadata,
+# unless it is close to one of these (a misspelling, refused with "did you mean").
+KNOWN_KEYS = ("id", "path", "voxel_size", "kind", "embargo", "downsample", "compression", "encoding", "chunk",
+              METADATA)
+TOP_LEVEL = ("datasets",)  # the only key a catalog file has at its top level
+ID_PATTERN = re.compile(r"[A-Za-z0-9._-]+")
 
 
 class CatalogError(ValueError):
@@ -52,66 +64,200 @@ def pronounceable_id(text: str, triplets: int = 3) -> str:
     return "-".join(parts)
 
 
-def _spec(entry: dict, where: str, base: Path, taken: set[str]) -> DatasetSpec:
-    if not isinstance(entry.get("path"), str) or not entry["path"]:
-        raise CatalogError(f"{where}: 'path' must be a non-empty string")
-    if "id" not in entry:  # derived from the path as written; a clash with an earlier entry tries again
-        entry = {**entry, "id": pronounceable_id(entry["path"])}
-        attempt = 1
-        while entry["id"] in taken:
-            entry["id"] = pronounceable_id(f"{entry['path']}#{attempt}")
+class _Bad(Exception):
+    """One field of one dataset is wrong; _spec adds the catalog and the dataset to the message."""
+
+
+def _key(key: str) -> str:
+    """A key as TOML would write it: bare when it can be, quoted otherwise."""
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else repr(key)
+
+
+def _show(value) -> str:
+    """A value as the catalog wrote it, short and on one line, for 'got ...' in a message."""
+    if isinstance(value, bool):
+        text = "true" if value else "false"
+    elif isinstance(value, dict):
+        text = "a table {" + ", ".join(f"{_key(k)} = {_show(v)}" for k, v in value.items()) + "}"
+    elif isinstance(value, list):
+        text = "[" + ", ".join(_show(v) for v in value) + "]"
+    elif isinstance(value, str):
+        text = repr(value)
+    else:
+        text = str(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _normal(key: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", key.lower())
+
+
+def _close(key: str, known, cutoff: float = 0.8) -> str | None:
+    """The known key `key` is probably a misspelling of: the same letters in another case or with
+    other separators, or (for keys of four letters or more; 'uid' or 'ids' are fair metadata names,
+    not misspelt 'id's) one difflib finds at least `cutoff` alike."""
+    for k in known:
+        if _normal(key) == _normal(k):
+            return k
+    found = difflib.get_close_matches(key.lower(), [k for k in known if len(k) >= 4], n=1, cutoff=cutoff)
+    return found[0] if found else None
+
+
+def _did_you_mean(key: str, known, cutoff: float = 0.8) -> str:
+    close = _close(key, known, cutoff)
+    return f"; did you mean {close!r}?" if close else ""
+
+
+def _scalar(value) -> bool:
+    """Free metadata is one value a search can match: a string, a number, a boolean or a date."""
+    return isinstance(value, (str, int, float, bool, datetime.date, datetime.time))
+
+
+def _metadata_text(value) -> str:
+    return ("true" if value else "false") if isinstance(value, bool) else str(value)
+
+
+def _check_id(ident) -> str | None:
+    """Why `ident` cannot be a dataset id, or None when it can."""
+    if not isinstance(ident, str) or not ident:
+        return (f"id must be a non-empty string (or left out, to derive one from the path); got {_show(ident)}")
+    if not ID_PATTERN.fullmatch(ident):
+        return f"id {ident!r} may use only letters, digits, '.', '_' and '-'"
+    if set(ident) == {"."}:  # '.' and '..' would be path segments in /ds/ID/...
+        return f"id {ident!r} must hold a letter, digit, '_' or '-', not only dots"
+    return None
+
+
+def _one_of(entry: dict, key: str, allowed, default):
+    value = entry.get(key, default)
+    if key in entry and (not isinstance(value, str) or value not in allowed):
+        raise _Bad(f"{key} must be one of {', '.join(repr(a) for a in allowed)}; got {_show(value)}")
+    return value
+
+
+def _spec(entry: dict, catalog: Path, i: int, taken: set[str]) -> DatasetSpec:
+    """datasets[i], checked field by field; a wrong one is one line naming the catalog, the dataset
+    (by its id when it has a good one) and the field."""
+    ident = entry.get("id")
+    name = f"dataset {ident!r} (datasets[{i}])" if "id" in entry and _check_id(ident) is None else f"datasets[{i}]"
+    try:
+        return _fields(entry, catalog.parent, taken)
+    except _Bad as exc:
+        raise CatalogError(f"{catalog}: {name}: {exc}") from None
+
+
+def _fields(entry: dict, base: Path, taken: set[str]) -> DatasetSpec:
+    for key, value in entry.items():  # misspelt fields first: they explain what goes wrong after them
+        if key in KNOWN_KEYS:
+            continue
+        close = _close(key, KNOWN_KEYS)
+        if close:
+            raise _Bad(f"unknown field {key!r}; did you mean {close!r}? (free metadata of any name "
+                       f"goes under [datasets.metadata])")
+        if not _scalar(value):
+            raise _Bad(f"{_key(key)} is free metadata (no catalog field) and must be a string, number or boolean; "
+                       f"got {_show(value)}{_did_you_mean(key, KNOWN_KEYS, 0.6)}")
+    path = entry.get("path")
+    if not isinstance(path, str) or not path:
+        got = _show(path) if "path" in entry else "no path"
+        raise _Bad(f"path must be a non-empty string: a file, a directory of slices, a glob or a Zarr, "
+                   f"relative to the catalog; got {got}")
+    if "id" in entry:
+        ident = entry["id"]
+        if why := _check_id(ident):
+            raise _Bad(why)
+    else:  # derived from the path as written; a clash with an earlier entry tries again
+        ident, attempt = pronounceable_id(path), 1
+        while ident in taken:
+            ident = pronounceable_id(f"{path}#{attempt}")
             attempt += 1
-    if not isinstance(entry["id"], str) or not entry["id"]:
-        raise CatalogError(f"{where}: 'id' must be a non-empty string (or left out, to derive one from the path)")
-    if not re.fullmatch(r"[A-Za-z0-9._-]+", entry["id"]):
-        raise CatalogError(f"{where}: id {entry['id']!r} may use only letters, digits, '.', '_' and '-'")
-    kind = entry.get("kind", "image")
-    if kind not in KINDS:
-        raise CatalogError(f"{where}: kind must be one of {', '.join(KINDS)}, not {kind!r}")
+    kind = _one_of(entry, "kind", KINDS, "image")
     voxel = entry.get("voxel_size")
-    if voxel is not None and (len(voxel) != 3 or not all(isinstance(v, (int, float)) and v > 0 for v in voxel)):
-        raise CatalogError(f"{where}: voxel_size must be three positive numbers [z, y, x] in micrometers")
-    if entry.get("downsample", "mean") not in METHODS:
-        raise CatalogError(f"{where}: downsample must be one of {', '.join(METHODS)}")
-    if entry.get("compression", "blosc") not in COMPRESSORS:
-        raise CatalogError(f"{where}: compression must be one of {', '.join(COMPRESSORS)}")
-    if entry.get("encoding", "raw") not in ENCODINGS:
-        raise CatalogError(f"{where}: encoding must be one of {', '.join(ENCODINGS)}")
+    if voxel is not None and not (isinstance(voxel, list) and len(voxel) == 3 and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in voxel)):
+        raise _Bad(f"voxel_size must be three positive numbers [z, y, x] in micrometers; got {_show(voxel)}")
+    embargo = entry.get("embargo", False)
+    if not isinstance(embargo, bool):
+        raise _Bad(f"embargo must be true or false (a TOML boolean, without quotes); got {_show(embargo)}")
+    downsample = _one_of(entry, "downsample", tuple(METHODS), None)
+    compression = _one_of(entry, "compression", tuple(COMPRESSORS), "blosc")
+    encoding = _one_of(entry, "encoding", ENCODINGS, None)
     chunk = entry.get("chunk", DEFAULT_CHUNK)
-    if len(chunk) != 3 or not all(isinstance(v, int) and v > 0 for v in chunk):
-        raise CatalogError(f"{where}: chunk must be three positive integers [z, y, x]")
-    path = Path(entry["path"]).expanduser()
-    metadata = {k: str(v) for k, v in entry.items() if k not in KNOWN_KEYS}
+    if "chunk" in entry and not (isinstance(chunk, list) and len(chunk) == 3 and all(
+            isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in chunk)):
+        cube = f" (for a cube, write [{chunk}, {chunk}, {chunk}])" if isinstance(chunk, int) and chunk > 0 else ""
+        raise _Bad(f"chunk must be three positive integers [z, y, x]{cube}; got {_show(chunk)}")
+    metadata = {k: _metadata_text(v) for k, v in entry.items() if k not in KNOWN_KEYS}
+    table = entry.get(METADATA, {})
+    if not isinstance(table, dict):
+        raise _Bad(f"{METADATA} must be a table ([datasets.metadata] with one key = value a line); got {_show(table)}")
+    for key, value in table.items():
+        field_name = f"{METADATA}.{_key(key)}"
+        if key in KNOWN_KEYS:
+            raise _Bad(f"{field_name} is a catalog field, not metadata; set {key} at the top level of the dataset")
+        if key in metadata:
+            raise _Bad(f"{field_name} is also given at the top level of the dataset; keep one")
+        if not _scalar(value):
+            raise _Bad(f"{field_name} must be a string, number or boolean; got {_show(value)}")
+        metadata[key] = _metadata_text(value)
+    full = Path(path).expanduser()
     return DatasetSpec(
-        id=entry["id"],
-        path=str(path if path.is_absolute() else base / path),
+        id=ident,
+        path=str(full if full.is_absolute() else base / full),
         voxel_size=tuple(float(v) for v in voxel) if voxel else None,
         kind=kind,
-        embargo=bool(entry.get("embargo", False)),
-        downsample=entry.get("downsample"),
-        compression=entry.get("compression", "blosc"),
-        encoding=entry.get("encoding"),
+        embargo=embargo,
+        downsample=downsample,
+        compression=compression,
+        encoding=encoding,
         chunk=tuple(chunk),
         metadata=metadata,
     )
 
 
 def load_catalog(path: str | Path) -> list[DatasetSpec]:
-    """Parse a TOML catalog: one [[datasets]] table per dataset; relative paths are relative to the file."""
+    """Parse a TOML catalog: one [[datasets]] table per dataset; relative paths are relative to the file.
+    Anything wrong is one CatalogError line naming the file, the dataset and the field."""
     path = Path(path)
     try:
         doc = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise CatalogError(f"{path}: cannot read the catalog ({exc})") from exc
+    for key, value in doc.items():
+        if key in TOP_LEVEL:
+            continue
+        if key == "tokens":
+            raise CatalogError(f"{path}: tokens belong in their own file, given with --tokens, not in the catalog "
+                               "(which may be published)")
+        what = "table" if isinstance(value, dict) or (isinstance(value, list) and value and all(
+            isinstance(v, dict) for v in value)) else "key"
+        hint = _did_you_mean(key, TOP_LEVEL, 0.6) or (
+            "; a catalog holds only [[datasets]] tables, and a dataset's fields go below its [[datasets]] line")
+        raise CatalogError(f"{path}: unknown {what} {key!r}{hint}")
     entries = doc.get("datasets", [])
+    if isinstance(entries, dict):
+        raise CatalogError(f"{path}: datasets must be an array of tables, one [[datasets]] (two brackets) per "
+                           "dataset; got a single [datasets] table")
     if not isinstance(entries, list):
-        raise CatalogError(f"{path}: 'datasets' must be an array of tables ([[datasets]])")
+        raise CatalogError(f"{path}: datasets must be an array of tables, one [[datasets]] per dataset; "
+                           f"got {_show(entries)}")
+    if not entries:
+        raise CatalogError(f"{path}: the catalog defines no datasets; add one [[datasets]] table per dataset, "
+                           "with at least its path")
     taken = {e["id"] for e in entries if isinstance(e, dict) and isinstance(e.get("id"), str)}
+    first: dict[str, int] = {}
     specs = []
     for i, entry in enumerate(entries):
-        specs.append(_spec(entry, f"{path}: datasets[{i}]", path.parent, taken))
-        taken.add(specs[-1].id)
-    return _unique(specs, str(path))
+        if not isinstance(entry, dict):
+            raise CatalogError(f"{path}: datasets[{i}] must be a table ([[datasets]]); got {_show(entry)}")
+        spec = _spec(entry, path, i, taken)
+        if spec.id in first:
+            raise CatalogError(f"{path}: dataset {spec.id!r} (datasets[{i}]): id {spec.id!r} is already the id "
+                               f"of datasets[{first[spec.id]}]; ids must be unique")
+        first[spec.id] = i
+        taken.add(spec.id)
+        specs.append(spec)
+    return specs
 
 
 def specs_from_paths(paths: list[str]) -> list[DatasetSpec]:
@@ -130,9 +276,33 @@ def specs_from_paths(paths: list[str]) -> list[DatasetSpec]:
     return specs
 
 
-def _unique(specs: list[DatasetSpec], where: str) -> list[DatasetSpec]:
-    ids = [s.id for s in specs]
-    dupes = sorted({i for i in ids if ids.count(i) > 1})
-    if dupes:
-        raise CatalogError(f"{where}: dataset ids must be unique; repeated: {', '.join(dupes)}")
-    return specs
+SLICE_SUFFIXES = (".tif", ".tiff", ".jp2", ".j2k", ".j2c", ".jpc")  # 2-D slices a stack is made of
+
+
+def expanded_glob_warning(paths: list[str], least: int = 3) -> str | None:
+    """Issue 13, point 13: `serve slices/z000*.tif` with the glob unquoted reaches us as one PATH
+    per slice, each of which would become a dataset of one plane. One sentence when `least` or
+    more PATH arguments are files of one directory whose names differ only in their numbers
+    (z000.tif, z001.tif, ...), saying how to serve them as one stack; None otherwise."""
+    groups: dict[tuple, list[str]] = {}
+    for p in dict.fromkeys(paths):
+        path = Path(p)
+        if not path.name.lower().endswith(SLICE_SUFFIXES) or not path.is_file():
+            continue
+        parts = re.split(r"(\d+)", path.name)
+        if len(parts) > 1:  # a number somewhere in the name
+            groups.setdefault((path.parent, tuple(parts[0::2])), []).append(p)
+    stack = max(groups.values(), key=len, default=[])
+    if len(stack) < least:
+        return None
+    stack.sort(key=lambda p: natural_key(Path(p).name))
+    split = [re.split(r"(\d+)", Path(p).name) for p in stack]
+    name = "".join(text if i % 2 == 0 or len({s[i] for s in split}) == 1 else "*" for i, text in enumerate(split[0]))
+    first = Path(stack[0])
+    glob = str(first.with_name(name))
+    same_kind = [f for f in first.parent.iterdir() if f.is_file() and f.suffix.lower() == first.suffix.lower()]
+    directory = (f" or give the directory ({shlex.quote(str(first.parent) + os.sep)})"
+                 if len(same_kind) == len(stack) else "")
+    return (f"{len(stack)} PATH arguments look like slices of one stack ({stack[0]} ... {stack[-1]}), "
+            f"expanded by the shell from an unquoted glob, and would be served as {len(stack)} datasets of one "
+            f"plane each; to serve them as one dataset, quote the glob ({shlex.quote(glob)}){directory}")
