@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
-import logging
+import importlib.metadata
 import os
 import re
+import socket
 import sys
 from pathlib import Path
 
 from aiohttp import web
 
+from . import logs
 from .access import Tokens, TokensError
 from .cache import Cache
-from .catalog import CatalogError, DatasetSpec, load_catalog, specs_from_paths
+from .catalog import CatalogError, DatasetSpec, expanded_glob_warning, load_catalog, specs_from_paths
 from .dataset import Dataset
+from .logs import ACCESS, FORMATS, AccessLogger
 from .pages import DEFAULT_VIEWER
 from .readers import SourceError, open_source
 from .workers import Workers
@@ -44,9 +48,10 @@ def default_cache_size() -> int:
 def _add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument("--cache-size", type=parse_size, default=default_cache_size(),
+    cache = default_cache_size()
+    p.add_argument("--cache-size", type=parse_size, default=cache,
                    help="memory for everything the server keeps: encoded chunks, decoded blocks and source "
-                        "segments (default: a quarter of the machine's memory)")
+                        f"segments (default: a quarter of this machine's memory, {cache / 2**30:.1f}GiB)")
     p.add_argument("--neuroglancer", default=DEFAULT_VIEWER, metavar="URL",
                    help=f"Neuroglancer used by 'open in Neuroglancer' links (default {DEFAULT_VIEWER})")
     p.add_argument("--recheck", type=float, default=2.0, metavar="SECONDS",
@@ -57,6 +62,17 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
                    help="largest box /ds/ID/region returns (default 1GiB); larger ones answer 413")
     p.add_argument("--tokens", metavar="TOKENS.toml",
                    help="tokens that open embargoed datasets (kept apart from the catalog, which may be public)")
+    p.add_argument("--public-url", metavar="URL",
+                   help="the URL clients reach this server at (e.g. https://data.example.org behind a proxy); "
+                        "every generated link starts with it")
+    p.add_argument("--trust-forwarded", action="store_true",
+                   help="take the scheme and host of generated links from a proxy's Forwarded or "
+                        "X-Forwarded-Proto/-Host headers (only behind a proxy that sets them)")
+    p.add_argument("--idle-timeout", type=float, default=15.0, metavar="SECONDS",
+                   help="close a connection that sends no complete request for this long, its first one "
+                        "included, so slow header senders cannot hold connections (default 15)")
+    p.add_argument("--log-format", choices=FORMATS, default="text",
+                   help="text (the access log in Apache's format) or json, one object a line (default text)")
 
 
 def no_huge_pages_for_numpy() -> None:
@@ -73,23 +89,53 @@ def no_huge_pages_for_numpy() -> None:
             continue
 
 
+SHUTDOWN_GRACE = 1.0  # seconds answers in flight get after Ctrl-C (aiohttp's default, 60, made it wait for them)
+
+
+class ServeError(Exception):
+    """The server cannot start; the message says why in one sentence."""
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before anything is printed, so a port in use is one clear line."""
+    try:
+        sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET,
+                                    reuse_port=False)
+    except OSError as exc:
+        why = "it is in use (another server? choose another --port)" if exc.errno == errno.EADDRINUSE \
+            else exc.strerror or str(exc)
+        raise ServeError(f"cannot listen on {host}:{port}: {why}") from None
+    sock.setblocking(False)
+    return sock
+
+
 def run_server(specs: list[DatasetSpec], args: argparse.Namespace) -> None:
     from .server import create_app
 
     no_huge_pages_for_numpy()
     tokens = Tokens.load(args.tokens) if args.tokens else Tokens()
+    sock = _listen(args.host, args.port)
     cache, workers = Cache(args.cache_size), Workers(args.workers)
     datasets = {s.id: Dataset(s, cache, recheck=args.recheck, workers=workers) for s in specs}
-    base = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
+    shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else f"[{args.host}]" if ":" in args.host else args.host
+    base = (args.public_url or f"http://{shown}:{args.port}").rstrip("/")
     for ds in datasets.values():
         if ds.error:
             print(f"  {ds.spec.id}: UNAVAILABLE: {ds.error}", file=sys.stderr)
         else:
             root = f"{base}/ds/{ds.spec.id}"
-            print(f"  {ds.spec.id}: {root}/zarr  {root}/zarr3  precomputed://{root}/precomputed")
-    print(f"bil-transform serving {len(datasets)} dataset(s) at {base}/ (Ctrl-C to stop)", flush=True)
-    app = create_app(datasets, cache, workers, args.neuroglancer, tokens, args.max_region)
-    web.run_app(app, host=args.host, port=args.port, print=None, access_log=None)
+            print(f"  {ds.spec.id}: ok  {root}/zarr  {root}/zarr3  precomputed://{root}/precomputed")
+    opened = sum(ds.error is None for ds in datasets.values())
+    if not opened:
+        print(f"bil-transform: WARNING: none of the {len(datasets)} dataset(s) could be opened (reasons above); "
+              "each answers 503 until its files are fixed", file=sys.stderr)
+    listening = f" (listening on {args.host}:{args.port})" if base != f"http://{args.host}:{args.port}" else ""
+    print(f"bil-transform serving {opened} of {len(datasets)} dataset(s) at {base}/{listening} (Ctrl-C to stop)",
+          flush=True)
+    app = create_app(datasets, cache, workers, args.neuroglancer, tokens, args.max_region,
+                     public_url=args.public_url, trust_forwarded=args.trust_forwarded)
+    web.run_app(app, sock=sock, print=None, access_log=ACCESS, access_log_class=AccessLogger,
+                keepalive_timeout=args.idle_timeout, shutdown_timeout=SHUTDOWN_GRACE)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -97,6 +143,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print("bil-transform serve: give a --config CATALOG.toml or at least one PATH", file=sys.stderr)
         return 2
     specs = load_catalog(args.config) if args.config else []
+    if warning := expanded_glob_warning(args.paths):
+        print(f"bil-transform: WARNING: {warning}", file=sys.stderr)
     specs += specs_from_paths(args.paths)
     run_server(specs, args)
     return 0
@@ -163,6 +211,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bil-transform",
                                      description="Serve microscopy volumes as OME-Zarr, on the fly.")
+    parser.add_argument("--version", action="version", version=f"bil-transform {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="serve datasets from a catalog and/or paths")
     serve.add_argument("paths", nargs="*", metavar="PATH",
@@ -175,14 +224,28 @@ def main(argv: list[str] | None = None) -> int:
     info = sub.add_parser("info", help="print what the reader sees in PATH")
     info.add_argument("path", metavar="PATH")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logs.configure(getattr(args, "log_format", "text"))
     try:
-        return {"serve": cmd_serve, "demo": cmd_demo, "info": cmd_info}[args.command](args)
-    except (CatalogError, TokensError) as exc:
+        code = {"serve": cmd_serve, "demo": cmd_demo, "info": cmd_info}[args.command](args)
+    except (CatalogError, TokensError, ServeError) as exc:
         print(f"bil-transform: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        return 130
+        code = 130
+    if args.command != "info":
+        # Stop at once: the workers may be deep in a computation nobody waits for any more, and
+        # Python would join them at exit (where a second Ctrl-C printed a traceback per thread).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("bil-transform")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 if __name__ == "__main__":

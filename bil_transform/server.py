@@ -17,6 +17,7 @@ from . import access, openapi, pages, records, search
 from .access import AccessDenied, Tokens
 from .cache import Cache, Section
 from .dataset import Dataset
+from .logs import shown_path
 from .pyramid import Pyramid
 from .readers import SourceError
 from .readers.files import checksummer, source_files, volume_files
@@ -46,21 +47,33 @@ CHUNKS = web.AppKey("chunks", Section)  # encoded bodies: chunks, metadata docum
 WORKERS = web.AppKey("workers", Workers)
 STATE = web.AppKey("state", dict)
 TOKENS = web.AppKey("tokens", Tokens)
-TOKEN_PREFIX = re.compile(r"^/token/[^/]+")
 VIEW = r"{view:(?:zarr3?|precomputed)(?:-[a-z0-9_-]+)?}"
 RANGE = re.compile(r"bytes=(?P<first>\d*)-(?P<last>\d*)")
+HUGE = 10**18  # past the end of every body, every level and every axis
+PROGRESS_EVERY = 10  # seconds between log lines about one long computation
 MAX_PAGE = 1000  # datasets in one page of /api/datasets
 INDEX_PAGE = 50  # datasets on one page of the HTML index
 CACHE_CONTROL = "public, max-age=3600"  # derived bytes change only with the source, and then so do their ETags
 
 
+LONG_WORD = re.compile(r"\S{200,}")
+
+
 def _error(status: int, message: str) -> web.Response:
+    """One sentence. Messages quote what the client sent (a key, an id, a range): a long quote is
+    cut, so an answer stays short whatever came in."""
+    message = LONG_WORD.sub(lambda m: m[0][:150] + "...", message)
     return web.Response(status=status, text=message.rstrip(".") + ".\n")
 
 
 def _shown_path(request: web.Request) -> str:
-    """The request's path as logs and messages show it: never with its token."""
-    return TOKEN_PREFIX.sub("/token/***", request.path)
+    return shown_path(request.path)
+
+
+def _count(digits: str) -> int:
+    """A byte offset or index from a request. Longer numbers than any body or index mean the same
+    as HUGE, and never reach int(), which refuses 4,300 digits or more with a ValueError."""
+    return int(digits) if len(digits) <= 18 else HUGE
 
 
 async def _cors(request: web.Request, response: web.StreamResponse) -> None:
@@ -108,7 +121,14 @@ async def _in_pool(request: web.Request, fn: Callable[..., Any], *args) -> Any:
         raise web.HTTPServiceUnavailable(text="The server is busy; retry shortly", headers={"Retry-After": "1"})
     state["queued"] += 1
     try:
-        return await asyncio.get_running_loop().run_in_executor(request.app[WORKERS].pool, fn, *args)
+        job = asyncio.get_running_loop().run_in_executor(request.app[WORKERS].pool, fn, *args)
+        waited = 0
+        while not (await asyncio.wait({job}, timeout=PROGRESS_EVERY))[0]:
+            waited += PROGRESS_EVERY  # a long computation (a coarse level of a file with no overviews) shows itself
+            blocks = request.app[CACHE].stats().get("blocks", {}).get("misses", 0)
+            log.info("%s: still computing after %d s (%d blocks computed so far, server-wide; %d jobs queued)",
+                     _shown_path(request), waited, blocks, state["queued"])
+        return job.result()
     finally:
         state["queued"] -= 1
 
@@ -151,11 +171,26 @@ async def _voxels(request: web.Request) -> tuple[Dataset, Pyramid]:
     return ds, snap.pyramid
 
 
+FORWARDED = re.compile(r'(proto|host)="?([^;,"]+)"?', re.I)
+
+
 def _base_url(request: web.Request) -> str:
-    """Where links for this request point: a request that came with its token in the path gets
-    links that keep it, so a viewer handed one can follow them."""
+    """Where links for this request point: --public-url when given; else the scheme and host the
+    client used, taken from a trusted proxy's Forwarded or X-Forwarded-* headers (--trust-forwarded)
+    or from the request. A request that came with its token in the path gets links that keep it,
+    so a viewer handed one can follow them."""
+    state = request.app[STATE]
     prefix = f"/token/{request.match_info['token']}" if "token" in request.match_info else ""
-    return f"{request.scheme}://{request.host}{prefix}"
+    if state["public_url"]:
+        return state["public_url"] + prefix
+    scheme, host = request.scheme, request.host
+    if state["trust_forwarded"]:
+        first = dict((k.lower(), v) for k, v in FORWARDED.findall(request.headers.get("Forwarded", "").split(",")[0]))
+        scheme = first.get("proto") or request.headers.get("X-Forwarded-Proto", scheme).split(",")[0].strip()
+        host = first.get("host") or request.headers.get("X-Forwarded-Host", host).split(",")[0].strip()
+    if scheme not in ("http", "https") or not re.fullmatch(r"[A-Za-z0-9._:\[\]-]+", host):
+        raise web.HTTPBadRequest(text="The Host or forwarded scheme and host of this request are malformed")
+    return f"{scheme}://{host}{prefix}"
 
 
 def _json(doc: Any) -> web.Response:
@@ -169,7 +204,8 @@ def _range_asked(request: web.Request, tag: str) -> re.Match | None:
     if not spec.startswith("bytes=") or "," in spec or request.headers.get("If-Range", tag) != tag:
         return None
     m = RANGE.fullmatch(spec)
-    if m is None or not (m["first"] or m["last"]) or (m["first"] and m["last"] and int(m["first"]) > int(m["last"])):
+    first, last = (m["first"], m["last"]) if m else ("", "")
+    if m is None or not (first or last) or (first and last and _count(first) > _count(last)):
         raise web.HTTPBadRequest(text=f"Range {spec!r} must be bytes=FIRST-LAST, bytes=FIRST- or "
                                       "bytes=-SUFFIX_LENGTH, with FIRST <= LAST")
     return m
@@ -179,9 +215,9 @@ def _span(asked: re.Match, total: int) -> tuple[int, int]:
     """[start, stop) of a body of `total` bytes; 416 if none of it is there."""
     first, last = asked["first"], asked["last"]
     if first:
-        start, stop = int(first), min(total, int(last) + 1) if last else total
+        start, stop = _count(first), min(total, _count(last) + 1) if last else total
     else:  # the last N bytes
-        start, stop = (max(0, total - int(last)) if int(last) else total), total
+        start, stop = (max(0, total - _count(last)) if _count(last) else total), total
     if start >= total:
         raise web.HTTPRequestRangeNotSatisfiable(
             text=f"The range {asked.string!r} starts past the end of the {total}-byte body",
@@ -272,7 +308,7 @@ async def dataset_view(request: web.Request) -> web.Response:
         return await landing(request)
     ds, pyramid = await _voxels(request)
     name, key = request.match_info["view"], request.match_info["key"]
-    t, c = (int(request.match_info[k]) if k in request.match_info else None for k in ("t", "c"))
+    t, c = (_count(request.match_info[k]) if k in request.match_info else None for k in ("t", "c"))
     try:
         view = make_view(pyramid, name, request.app[CHUNKS], compression=ds.spec.compression,
                          encoding=ds.spec.encoding, t=t, channel=c)
@@ -419,16 +455,27 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
 
 
+async def _expect(request: web.Request) -> None:
+    """Requests here carry no body, so 'Expect: 100-continue' needs no interim answer; any other
+    expectation cannot be met (this runs before the middleware: the sentence is written here)."""
+    expectation = request.headers.get("Expect", "")
+    if expectation.strip().lower() != "100-continue":
+        shown = expectation if len(expectation) <= 100 else expectation[:100] + "..."
+        raise web.HTTPExpectationFailed(text=f"Expect: {shown!r} cannot be met; send the request without it.\n")
+
+
 def create_app(datasets: dict[str, Dataset], cache: Cache, workers: Workers,
                viewer: str = pages.DEFAULT_VIEWER, tokens: Tokens | None = None,
-               max_region: int = 2**30) -> web.Application:
+               max_region: int = 2**30, public_url: str | None = None,
+               trust_forwarded: bool = False) -> web.Application:
     """The app over datasets opened with this cache and these workers (handed to them too).
     Every route also answers under /token/TOKEN/, for clients that cannot send headers."""
     app = web.Application(middlewares=[errors_and_preflights])
     app.on_response_prepare.append(_cors)
     app[DATASETS], app[CACHE], app[CHUNKS], app[WORKERS] = datasets, cache, cache.section("chunks"), workers
     app[TOKENS] = tokens or Tokens()
-    app[STATE] = {"queued": 0, "max_queued": workers.threads * 256, "viewer": viewer, "max_region": max_region}
+    app[STATE] = {"queued": 0, "max_queued": workers.threads * 256, "viewer": viewer, "max_region": max_region,
+                  "public_url": public_url.rstrip("/") if public_url else None, "trust_forwarded": trust_forwarded}
     routes = [("/", index), ("/healthz", healthz), ("/metrics", metrics), ("/api/datasets", list_datasets),
               ("/api/openapi.json", openapi_document),
               ("/api/datasets/{id}", get_dataset), ("/ds/{id}/thumbnail.png", dataset_thumbnail),
@@ -438,8 +485,8 @@ def create_app(datasets: dict[str, Dataset], cache: Cache, workers: Workers,
         root = f"/ds/{{id}}{selector}/{VIEW}"
         routes += [(root, view_root), (root + "/{key:.*}", dataset_view)]
     for path, handler in routes:
-        app.router.add_get(path, handler)
-        app.router.add_get("/token/{token:[^/]+}" + path, handler)
+        app.router.add_get(path, handler, expect_handler=_expect)
+        app.router.add_get("/token/{token:[^/]+}" + path, handler, expect_handler=_expect)
 
     async def shutdown(app: web.Application) -> None:
         workers.shutdown()
