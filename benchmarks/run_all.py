@@ -154,7 +154,8 @@ def run_async(coro):
 
 def cache_misses(base: str) -> int:
     text = requests.get(f"{base}/metrics", timeout=30).text
-    return int(next(line.split()[1] for line in text.splitlines() if line.startswith("bil_transform_cache_misses ")))
+    return int(sum(float(line.split()[1]) for line in text.splitlines()
+                   if line.startswith("bil_transform_cache_misses_total{")))
 
 
 # --------------------------------------------------------------------------------------------- the data

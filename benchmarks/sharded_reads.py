@@ -36,7 +36,8 @@ SHARD_VIEWS = ("zarr3-sharded-none", "precomputed-sharded", "zarr3-sharded")
 
 def misses(base: str) -> int:
     text = requests.get(f"{base}/metrics").text
-    return int(next(line.split()[1] for line in text.splitlines() if line.startswith("bil_transform_cache_misses")))
+    return int(sum(float(line.split()[1]) for line in text.splitlines()
+                   if line.startswith("bil_transform_cache_misses_total{")))
 
 
 def get(url: str, first: int | None = None, last: int | None = None, suffix: int | None = None) -> bytes:

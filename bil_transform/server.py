@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import re
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -18,6 +19,7 @@ from .access import AccessDenied, Tokens
 from .cache import Cache, Section
 from .dataset import Dataset
 from .logs import shown_path
+from .metrics import CONTENT_TYPE, Metrics
 from .pyramid import Pyramid
 from .readers import SourceError
 from .readers.files import checksummer, source_files, volume_files
@@ -46,6 +48,7 @@ CACHE = web.AppKey("cache", Cache)
 CHUNKS = web.AppKey("chunks", Section)  # encoded bodies: chunks, metadata documents, shard lengths
 WORKERS = web.AppKey("workers", Workers)
 STATE = web.AppKey("state", dict)
+METRICS = web.AppKey("metrics", Metrics)
 TOKENS = web.AppKey("tokens", Tokens)
 VIEW = r"{view:(?:zarr3?|precomputed)(?:-[a-z0-9_-]+)?}"
 RANGE = re.compile(r"bytes=(?P<first>\d*)-(?P<last>\d*)")
@@ -442,17 +445,28 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    """Prometheus text: each cache section's counters (labelled), their totals (unlabelled), the
-    queue and the datasets."""
-    lines = []
-    for section, counts in request.app[CACHE].stats().items():
-        label = "" if section == "all" else f'{{cache="{section}"}}'
-        lines += [f"bil_transform_cache_{k}{label} {v}" for k, v in counts.items()]
-    lines.append(f"bil_transform_queued_jobs {request.app[STATE]['queued']}")
-    datasets = request.app[DATASETS].values()
-    lines.append(f"bil_transform_datasets{{status=\"ok\"}} {sum(ds.pyramid is not None for ds in datasets)}")
-    lines.append(f"bil_transform_datasets{{status=\"error\"}} {sum(ds.pyramid is None for ds in datasets)}")
-    return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+    return web.Response(body=request.app[METRICS].exposition(), headers={"Content-Type": CONTENT_TYPE})
+
+
+@web.middleware
+async def observed(request: web.Request, handler: Callable) -> web.StreamResponse:
+    """Every answer counted by view and status, with its latency (streamed bodies to their end)."""
+    start = time.perf_counter()
+    status, response = 500, None
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    finally:
+        info = request.match_info  # the label set stays bounded whatever the path: zarr, zarr3, precomputed, ...
+        view = info.get("view", "").split("-")[0] or (
+            info.handler.__name__ if getattr(info.route, "resource", None) is not None else "unrouted")
+        # a streamed body is sent by now; a whole one is sent after this returns, and its length is known
+        sent = 0 if response is None else response.body_length if response.prepared else response.content_length or 0
+        request.app[METRICS].observe(view, status, time.perf_counter() - start, sent)
 
 
 async def _expect(request: web.Request) -> None:
@@ -470,12 +484,13 @@ def create_app(datasets: dict[str, Dataset], cache: Cache, workers: Workers,
                trust_forwarded: bool = False) -> web.Application:
     """The app over datasets opened with this cache and these workers (handed to them too).
     Every route also answers under /token/TOKEN/, for clients that cannot send headers."""
-    app = web.Application(middlewares=[errors_and_preflights])
+    app = web.Application(middlewares=[observed, errors_and_preflights])
     app.on_response_prepare.append(_cors)
     app[DATASETS], app[CACHE], app[CHUNKS], app[WORKERS] = datasets, cache, cache.section("chunks"), workers
     app[TOKENS] = tokens or Tokens()
     app[STATE] = {"queued": 0, "max_queued": workers.threads * 256, "viewer": viewer, "max_region": max_region,
                   "public_url": public_url.rstrip("/") if public_url else None, "trust_forwarded": trust_forwarded}
+    app[METRICS] = Metrics(cache, workers.meter, datasets, lambda: app[STATE]["queued"])
     routes = [("/", index), ("/healthz", healthz), ("/metrics", metrics), ("/api/datasets", list_datasets),
               ("/api/openapi.json", openapi_document),
               ("/api/datasets/{id}", get_dataset), ("/ds/{id}/thumbnail.png", dataset_thumbnail),

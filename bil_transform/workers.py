@@ -10,11 +10,36 @@ for it (subtasks are finer blocks of one tree, or leaves).
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+
+
+class Meter:
+    """What the workers' computations cost, for /metrics: blocks and seconds per level, and voxel
+    bytes read from the sources."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._levels: dict[int, list] = {}  # level -> [blocks, seconds]
+        self._source_bytes = 0
+
+    def computed(self, level: int, seconds: float) -> None:
+        with self._lock:
+            tally = self._levels.setdefault(level, [0, 0.0])
+            tally[0] += 1
+            tally[1] += seconds
+
+    def read(self, nbytes: int) -> None:
+        with self._lock:
+            self._source_bytes += nbytes
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            return {"levels": {k: tuple(v) for k, v in self._levels.items()}, "source_bytes": self._source_bytes}
 
 
 class Workers:
@@ -26,6 +51,7 @@ class Workers:
         # Checks of source files (stats, and reopening what changed) get a thread of their own: queued
         # behind cold chunk work they made cache hits wait with them (p95 1.7 s under load, issue 13).
         self.checks = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bil-check")
+        self.meter = Meter()
 
     def map(self, fn: Callable[[T], Any], items: Iterable[T]) -> list:
         """[fn(item) for item in items], spread over idle workers; safe to call from a worker."""

@@ -40,7 +40,7 @@ def _misses(srv: Server) -> int:
     """Chunks encoded so far (misses of the encoded-chunk cache; a source slab read once for many
     blocks is counted in other sections)."""
     text = requests.get(srv.url("/metrics")).text
-    return int(re.search(r'^bil_transform_cache_misses\{cache="chunks"\} (\d+)$', text, re.M).group(1))
+    return int(float(re.search(r'^bil_transform_cache_misses_total\{cache="chunks"\} (\S+)$', text, re.M).group(1)))
 
 
 def _padded(region: np.ndarray, shape) -> np.ndarray:

@@ -271,7 +271,7 @@ def test_a_coarse_level_is_computed_once_whoever_asks(tmp_path):
         def misses() -> int:
             text = requests.get(srv.url("/metrics")).text
             return sum(int(float(line.rsplit(" ", 1)[1])) for line in text.splitlines()
-                       if line.startswith("bil_transform_cache_misses{"))
+                       if line.startswith("bil_transform_cache_misses_total{"))
 
         with ThreadPoolExecutor(6) as pool:
             bodies = list(pool.map(lambda _: requests.get(coarsest).content, range(6)))
@@ -285,3 +285,39 @@ def test_a_coarse_level_is_computed_once_whoever_asks(tmp_path):
         assert all(f > 1 for f in factor[1:])  # a real reduction of the whole file
     finally:
         srv.stop()
+
+
+def test_metrics_speak_prometheus(served):
+    """Point 17: read by prometheus-client's own parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    srv, _ = served
+    for _ in range(3):
+        requests.get(srv.url("/ds/small/zarr/0/0/0/0/0/0"))
+    requests.get(srv.url("/ds/small/precomputed/info"))
+    requests.get(srv.url("/ds/small/zarr/9/0/0/0/0/0"))
+    r = requests.get(srv.url("/metrics"))
+    assert r.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    families = {f.name: f for f in text_string_to_metric_families(r.text)}
+    samples = [s for f in families.values() for s in f.samples]
+
+    def value(name: str, **labels) -> float:
+        found = [s.value for s in samples if s.name == name and labels.items() <= s.labels.items()]
+        assert found, f"no sample {name} {labels}"
+        return sum(found)
+
+    assert value("bil_transform_requests_total", view="zarr", status="200") >= 3
+    assert value("bil_transform_requests_total", view="zarr", status="404") >= 1
+    assert value("bil_transform_requests_total", view="precomputed", status="200") >= 1
+    assert value("bil_transform_request_seconds_count", view="zarr") >= 4
+    assert value("bil_transform_request_seconds_bucket", view="zarr", le="+Inf") >= 4
+    for section in ("chunks", "blocks", "segments"):
+        assert {"cache": section} in [s.labels for s in families["bil_transform_cache_hits"].samples]
+    assert value("bil_transform_cache_hits_total", cache="chunks") >= 2
+    assert value("bil_transform_cache_bytes", cache="blocks") > 0
+    assert value("bil_transform_blocks_computed_total", level="0") >= 1
+    assert value("bil_transform_compute_seconds_total", level="0") > 0
+    source, served_bytes = value("bil_transform_source_bytes_total"), value("bil_transform_response_bytes_total")
+    assert source >= 3 * 64 * 64 * 2 and served_bytes > 0  # at least chunk (0, 0, 0) was read
+    assert value("bil_transform_queued_jobs") == 0
+    assert value("bil_transform_datasets", status="ok") == 1

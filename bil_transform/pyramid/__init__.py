@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -103,14 +104,24 @@ class Pyramid:
             raise IndexError(f"block {index} is outside the grid {lvl.grid} of level {level}")
         if lvl.native is None:
             return self.blocks.get_or_compute(("block", *self.key, level, t, c, index),
-                                              lambda: self._reduce(level, t, c, index))
+                                              lambda: self._timed(level, self._reduce, level, t, c, index))
         slab = self.slab(level, index)
         first, last = (self._region(level, tuple(r[end] for r in slab)) for end in (0, -1))
         region = tuple(slice(a.start, b.stop) for a, b in zip(first, last))
         key = ("slab", *self.key, level, t, c, tuple(r.start for r in slab))
-        data = self.blocks.get_or_compute(key, lambda: _frozen(self.reader.read(lvl.native, t, c, region),
-                                                               self.volume.dtype))
+        data = self.blocks.get_or_compute(key, lambda: self._timed(level, self._read, lvl.native, t, c, region))
         return data[within(self._region(level, index), region)]
+
+    def _read(self, native: int, t: int, c: int, region: Region) -> np.ndarray:
+        data = _frozen(self.reader.read(native, t, c, region), self.volume.dtype)
+        self.workers.meter.read(data.nbytes)
+        return data
+
+    def _timed(self, level: int, compute: Callable[..., np.ndarray], *args) -> np.ndarray:
+        start = time.perf_counter()
+        out = compute(*args)
+        self.workers.meter.computed(level, time.perf_counter() - start)
+        return out
 
     def _reduce(self, level: int, t: int, c: int, index: tuple[int, int, int]) -> np.ndarray:
         """A synthesized block, from the parent level's blocks."""
