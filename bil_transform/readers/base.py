@@ -6,7 +6,8 @@ import hashlib
 import itertools
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -18,6 +19,20 @@ Region = tuple[slice, slice, slice]  # z, y, x; start/stop always set, step 1
 
 class SourceError(Exception):
     """A source file cannot be read. The message names the file and says why."""
+
+
+@contextmanager
+def reading(path: Path | str, what: str) -> Iterator[None]:
+    """Turn whatever a parser or decoder raises while reading `what` of the file `path` into one
+    SourceError naming both: damage, or a change since the file was opened, trips libraries
+    (h5py, tifffile, imagecodecs, glymur, zarr) anywhere, each with its own exception types."""
+    try:
+        yield
+    except (SourceError, MemoryError):
+        raise
+    except Exception as exc:
+        raise SourceError(f"{path}: {what} cannot be read; the file is damaged or has changed since it was "
+                          f"opened ({type(exc).__name__}: {exc})") from exc
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from .base import (
     check_region,
     default_channels,
     grid_cells,
+    reading,
     version_token,
     within,
 )
@@ -175,16 +176,13 @@ class ImarisReader:
         bytes are read through it; chunks are decompressed outside it (see _decode)."""
         f = getattr(self._local, "file", None)
         if f is None:
-            try:
-                f = self._local.file = h5py.File(self.path, "r")
-            except Exception as exc:
-                raise SourceError(f"{self.path}: cannot open ({exc})") from exc
+            f = self._local.file = h5py.File(self.path, "r")
         return f
 
     def read(self, level: int, t: int, c: int, region: Region) -> np.ndarray:
         check_region(self.volume.native_levels[level].shape, region)
         name = f"DataSet/ResolutionLevel {level}/TimePoint {t}/Channel {c}/Data"
-        try:
+        with reading(self.path, name):
             data = self._file()[name]
             pipeline = self._pipelines[name]
             if pipeline is None:  # a filter we do not decode ourselves: let HDF5 do all of it
@@ -193,14 +191,11 @@ class ImarisReader:
             for chunk, part in grid_cells(region, data.chunks, data.shape):
                 origin = tuple(s.start for s in chunk)
                 fetch = functools.partial(_decode, data, origin, pipeline)
-                block = fetch() if part == chunk else self.segments.get_or_compute(
-                    (str(self.path), self.volume.version, name, origin), fetch)
+                with reading(self.path, f"the chunk at voxel {origin} of {name}"):
+                    block = fetch() if part == chunk else self.segments.get_or_compute(
+                        (str(self.path), self.volume.version, name, origin), fetch)
                 out[within(part, region)] = block[within(part, chunk)]
             return out
-        except SourceError:
-            raise
-        except Exception as exc:
-            raise SourceError(f"{self.path}: cannot read {name} ({exc})") from exc
 
 
 # HDF5 filters Imaris files use, undone in reverse order of the pipeline.

@@ -14,12 +14,13 @@ from pathlib import Path
 import glymur
 import numpy as np
 
-from .base import SourceError, grid_cells, within
+from .base import SourceError, grid_cells, reading, within
 from .slices import SliceFile, SliceInfo, reduced
 
 SUFFIXES = (".jp2", ".j2k", ".j2c", ".jpc", ".jpx", ".jpf")
 MAGIC = (b"\x00\x00\x00\x0cjP  \r\n\x87\n", b"\xff\x4f\xff\x51")  # JP2 signature box, raw codestream SOC+SIZ
 WINDOW = 1024
+OPENJPEG = (2, 4)  # the oldest OpenJPEG glymur decodes with (older, or none, fails every decode)
 
 
 def is_jpeg2000(path: Path) -> bool:
@@ -39,6 +40,10 @@ class Jpeg2000Slices:
     def open(self, path: Path) -> glymur.Jp2k:
         if not is_jpeg2000(path):
             raise SourceError(f"{path}: not a JPEG2000 file (no JP2 signature or codestream marker)")
+        if glymur.version.openjpeg_version_tuple[:2] < OPENJPEG:  # "0.0.0" when glymur found no library
+            raise SourceError(f"{path}: JPEG2000 decoding needs the OpenJPEG library {'.'.join(map(str, OPENJPEG))} "
+                              f"or newer, which glymur did not find (it found {glymur.version.openjpeg_version}); "
+                              "install it (Debian/Ubuntu: apt-get install libopenjp2-7)")
         try:
             return glymur.Jp2k(str(path))
         except Exception as exc:
@@ -81,10 +86,8 @@ def _decode(jp2: glymur.Jp2k, level: int, win: tuple[slice, slice]) -> np.ndarra
     height, width = jp2.shape[:2]
     rows = slice(win[0].start * step, min(win[0].stop * step, height), step)
     cols = slice(win[1].start * step, min(win[1].stop * step, width), step)
-    try:
+    with reading(jp2.filename, f"reduction level {level}"):
         data = copy.copy(jp2)[rows, cols]
-    except Exception as exc:
-        raise SourceError(f"{jp2.filename}: cannot decode ({exc})") from exc
     expected = (win[0].stop - win[0].start, win[1].stop - win[1].start)
     if data.shape[:2] != expected:
         raise SourceError(f"{jp2.filename}: decoded {data.shape[:2]} voxels where {expected} were expected")

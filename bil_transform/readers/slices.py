@@ -29,6 +29,7 @@ from .base import (
     check_region,
     default_channels,
     natural_key,
+    reading,
     version_token,
 )
 
@@ -245,14 +246,9 @@ class SliceStackReader:
         channel, sample = divmod(c, self._slice.samples)
         out = np.empty([s.stop - s.start for s in region], self.volume.dtype)
         for i, f in enumerate(self._files[channel][zs]):
-            header = self._header(f)
-            try:
+            with reading(f, "the slice"):
                 where = SliceFile(f, self.volume.version, self._open, self.segments)
-                self.format.read(header, where, level, ys, xs, sample, out[i])
-            except SourceError:
-                raise
-            except Exception as exc:
-                raise SourceError(f"{f}: cannot read ({exc})") from exc
+                self.format.read(self._header(f), where, level, ys, xs, sample, out[i])
         return out
 
 

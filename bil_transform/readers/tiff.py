@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import functools
 import os
+import struct
 import threading
 import xml.etree.ElementTree as ET
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -26,6 +28,7 @@ from .base import (
     check_region,
     default_channels,
     grid_cells,
+    reading,
     version_token,
     within,
 )
@@ -55,9 +58,9 @@ def read_page_region(page, fh: BinaryIO, name: str, ys: slice, xs: slice, sample
     if out.size == 0:
         return out
     seg_h, seg_w = key.chunks[0], key.chunks[1]
-    n_cols = key.chunked[1]
+    n_rows, n_cols = -(-key.imagelength // seg_h), -(-key.imagewidth // seg_w)  # `chunked` puts samples first
     separate = key.planarconfig == 2
-    plane = sample * key.chunked[0] * n_cols if separate else 0
+    plane = sample * n_rows * n_cols if separate else 0  # planar: each sample's segments follow the last's
     raw = _raw_dtype(key)
     offsets, counts = page.dataoffsets, page.databytecounts
     for win, part in grid_cells((ys, xs), (seg_h, seg_w), (key.imagelength, key.imagewidth)):
@@ -111,7 +114,7 @@ def _raw_rows(fh: BinaryIO, name: str, dtype: np.dtype, offset: int, width: int,
     else:
         got = os.preadv(fh.fileno(), [memoryview(into).cast("B")], start)
     if got != size:
-        raise SourceError(f"{name}: file is truncated (image data ends past the end of the file)")
+        raise _cut_short(name, start, size, got)
     return into if into is not None else np.frombuffer(data, dtype).reshape(stop - first, width, samples)
 
 
@@ -119,8 +122,15 @@ def _decoded(key, fh: BinaryIO, name: str, offset: int, count: int, index: int) 
     """One compressed segment, decoded whole: (depth, rows, width, samples)."""
     data = os.pread(fh.fileno(), count, offset)
     if len(data) != count:
-        raise SourceError(f"{name}: file is truncated (segment {index} ends past the end)")
+        raise _cut_short(name, offset, count, len(data))
     return key.decode(data, index, jpegtables=key.jpegtables)[0]
+
+
+def _cut_short(name: str, start: int, size: int, got: int) -> SourceError:
+    """A read that found fewer bytes than the page's offsets promise: the file was cut after it was
+    opened. Never filled in: the missing bytes would be served as zeros or as another file's."""
+    return SourceError(f"{name}: the file is truncated: the image data at bytes {start}-{start + size} "
+                       f"is cut short ({got} of its {size} bytes are there)")
 
 
 def _voxel_size(tf: tifffile.TiffFile) -> tuple[float, float, float] | None:
@@ -191,11 +201,65 @@ def _channels(tf: tifffile.TiffFile, n: int) -> tuple[Channel, ...]:
     return tuple(channels)
 
 
-def _open(path: Path) -> tifffile.TiffFile:
+def _open(path: Path, check: Callable[[tifffile.TiffFile, Path], None]) -> tifffile.TiffFile:
+    """The parsed file, which `check` confirms still holds what its directories describe."""
     try:
-        return tifffile.TiffFile(path)
+        tf = tifffile.TiffFile(path)
     except Exception as exc:  # tifffile raises many types for broken files
         raise SourceError(f"{path}: not a readable TIFF ({exc})") from exc
+    try:
+        check(tf, path)
+    except BaseException:
+        tf.close()
+        raise
+    return tf
+
+
+def _check_data(path: Path, levels: Sequence[Sequence], size: int) -> None:
+    """Refuse pages whose strips or tiles end past the end of the file: cut off, they would read
+    as other bytes. `levels` are sequences of pages (resolution levels), `size` the file's."""
+    for level, pages in enumerate(levels):
+        for i, page in enumerate(pages):
+            if page is None or not page.databytecounts:
+                continue
+            end = max(o + n for o, n in zip(page.dataoffsets, page.databytecounts))
+            if end > size:
+                kind = "tile" if page.keyframe.is_tiled else "strip"
+                where = f" of level {level}" if level else ""
+                raise SourceError(f"{path}: the file is truncated: the {kind} data of page {i + 1} of {len(pages)}"
+                                  f"{where} ends at byte {end}, past the end of the {size}-byte file")
+
+
+def _check_stack(tf: tifffile.TiffFile, path: Path) -> None:
+    """Refuse a multi-page file that no longer holds every page it had. tifffile stops quietly at a
+    page directory past the end of the file and offers the pages before it (a 37-page file cut in
+    half opens as 18 pages, or as 1), so the chain of directories must end where it says it ends."""
+    size = tf.filehandle.size
+    _check_data(path, tf.series[0].levels, size)
+    n = len(tf.pages)  # walks the whole chain of page directories
+    after = _next_directory(tf, tf.pages[n - 1].offset)
+    if after >= size:
+        raise SourceError(f"{path}: the file is truncated: page {n} says the next page starts at byte {after}, "
+                          f"past the end of the {size}-byte file")
+    if after:
+        raise SourceError(f"{path}: the file is damaged: page {n} says the next page starts at byte {after}, "
+                          "where no page directory can be read")
+
+
+def _check_slice(tf: tifffile.TiffFile, path: Path) -> None:
+    """A slice is its first page: only that page's strips or tiles must be there."""
+    _check_data(path, [[tf.pages.first]], tf.filehandle.size)
+
+
+def _next_directory(tf: tifffile.TiffFile, offset: int) -> int:
+    """The offset of the page directory after the one at `offset` (0 at the end of the chain),
+    read as tifffile reads it."""
+    fh, tiff = tf.filehandle, tf.tiff
+    fh.seek(offset)
+    (tags,) = struct.unpack(tiff.tagnoformat, fh.read(tiff.tagnosize))
+    fh.seek(offset + tiff.tagnosize + tags * tiff.tagsize)
+    (after,) = struct.unpack(tiff.offsetformat, fh.read(tiff.offsetsize))
+    return after
 
 
 class TiffFileReader:
@@ -205,7 +269,7 @@ class TiffFileReader:
         self.path = Path(path)
         self.segments = segments or uncached("segments")
         self._local = threading.local()
-        with _open(self.path) as tf:
+        with _open(self.path, _check_stack) as tf:
             series = tf.series[0]
             key = series.keyframe
             samples = key.samplesperpixel if key.planarconfig in (1, 2) else 1
@@ -242,27 +306,25 @@ class TiffFileReader:
     def _file(self) -> tifffile.TiffFile:
         tf = getattr(self._local, "tf", None)
         if tf is None:
-            tf = self._local.tf = _open(self.path)
+            tf = self._local.tf = _open(self.path, _check_stack)
             tf.pages.cache = True  # parse each page's IFD once per thread, not on every read
         return tf
 
     def read(self, level: int, t: int, c: int, region: Region) -> np.ndarray:
         check_region(self.volume.native_levels[level].shape, region)
-        tf = self._file()
-        pages = tf.series[0].levels[level].pages
+        where = f" of level {level}" if level else ""
+        with reading(self.path, f"the pages{where}"):
+            tf = self._file()
+            pages = tf.series[0].levels[level].pages
         c_axis, sample = divmod(c, self._samples)
         zs, ys, xs = region
         out = np.empty([s.stop - s.start for s in region], self.volume.dtype)
         for i, z in enumerate(range(zs.start, zs.stop)):
             index = {"t": t, "c": c_axis, "z": z}
             flat = np.ravel_multi_index([index[a] for a in self._lead_axes], self._lead_shape) if self._lead_axes else 0
-            try:
+            with reading(self.path, f"page {flat + 1} of {len(pages)}{where}"):
                 read_page_region(pages[int(flat)], tf.filehandle, str(self.path), ys, xs, sample,
                                  self.volume.version, self.segments, out[i])
-            except SourceError:
-                raise
-            except Exception as exc:
-                raise SourceError(f"{self.path}: cannot decode page {flat} ({exc})") from exc
         return out
 
 
@@ -273,7 +335,7 @@ class TiffSlices:
     suffixes = TIFF_SUFFIXES
 
     def open(self, path: Path) -> tuple:
-        with _open(path) as tf:
+        with _open(path, _check_slice) as tf:
             page = tf.pages.first
             if page.samplesperpixel > 1 and page.planarconfig not in (1, 2):
                 raise SourceError(f"{path}: unsupported sample layout")

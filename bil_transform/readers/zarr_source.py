@@ -8,7 +8,17 @@ import numpy as np
 import zarr
 
 from ..cache import Section
-from .base import Channel, NativeLevel, Region, SourceError, Volume, check_region, default_channels, version_token
+from .base import (
+    Channel,
+    NativeLevel,
+    Region,
+    SourceError,
+    Volume,
+    check_region,
+    default_channels,
+    reading,
+    version_token,
+)
 from .tiff import UM_PER_UNIT
 
 UM_PER_UNIT_NAME = {**UM_PER_UNIT, "micrometer": 1.0, "millimeter": 1e3, "meter": 1e6, "nanometer": 1e-3}
@@ -119,8 +129,6 @@ class ZarrReader:
     def read(self, level: int, t: int, c: int, region: Region) -> np.ndarray:
         check_region(self.volume.native_levels[level].shape, region)
         index = {"t": t, "c": c, "z": region[0], "y": region[1], "x": region[2]}
-        try:
+        with reading(self.path, f"level {level}"):
             block = self._arrays[level][tuple(index[a] for a in self._axes)]
-        except Exception as exc:
-            raise SourceError(f"{self.path}: cannot read level {level} ({exc})") from exc
         return block if block.ndim == 3 else block[np.newaxis]
