@@ -108,7 +108,11 @@ async def errors_and_preflights(request: web.Request, handler: Callable) -> web.
     except SourceError as exc:
         log.warning("source error on %s: %s", _shown_path(request), exc)  # the operator sees full paths
         ds = request.app[DATASETS].get(request.match_info.get("id", ""))
-        return _error(500, f"The source data cannot be read: {ds.public(str(exc)) if ds else exc}")
+        shown = [ds] if ds else request.app[DATASETS].values()  # a listing: whichever dataset it was
+        message = str(exc)
+        for each in shown:
+            message = each.public(message)
+        return _error(500, f"The source data cannot be read: {message}")
     except asyncio.CancelledError:
         raise
     except Exception as exc:

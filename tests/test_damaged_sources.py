@@ -199,3 +199,32 @@ def test_jpeg2000_without_openjpeg_is_unavailable_with_what_to_install(tmp_path,
     message = str(caught.value)
     assert message.startswith(f"{path}: JPEG2000 decoding needs the OpenJPEG library 2.4 or newer")
     assert "(it found 0.0.0)" in message and message.endswith("apt-get install libopenjp2-7)")
+
+
+def test_a_damaged_middle_slice_fails_its_chunks_not_the_listing(tmp_path):
+    """The listing, the metadata documents and the pages show a display window estimated from the
+    middle plane; one damaged plane there made /api/datasets answer 500 for every dataset, with
+    an absolute path."""
+    stack = tmp_path / "stack"
+    stack.mkdir()
+    planes = [np.full((40, 50), 100 + z, np.uint16) for z in range(9)]
+    for z, plane in enumerate(planes):
+        tifffile.imwrite(stack / f"z{z:02d}.tif", plane, compression="zlib")
+    _cut(stack / "z04.tif", (stack / "z04.tif").stat().st_size - 20)
+    catalog = tmp_path / "catalog.toml"
+    catalog.write_text(f'[[datasets]]\nid = "stack"\npath = "{stack}"\nchunk = [4, 64, 64]\n')
+    srv = Server(catalog)
+    try:
+        listing = requests.get(srv.url("/api/datasets"))
+        assert listing.status_code == 200 and listing.json()["datasets"][0]["status"] == "ok"
+        assert requests.get(srv.url("/api/datasets/stack")).status_code == 200
+        assert requests.get(srv.url("/ds/stack/zarr/.zattrs")).status_code == 200
+        assert requests.get(srv.url("/")).status_code == 200
+        good = requests.get(srv.url("/ds/stack/zarr-none/0/0/0/0/0/0"))  # planes 0-3
+        assert good.status_code == 200
+        np.testing.assert_array_equal(np.frombuffer(good.content, "<u2").reshape(4, 40, 50),
+                                      np.stack(planes[:4]))
+        bad = requests.get(srv.url("/ds/stack/zarr-none/0/0/0/1/0/0"))  # planes 4-7
+        assert bad.status_code == 500 and "z04.tif" in bad.text and str(tmp_path) not in bad.text
+    finally:
+        srv.stop()

@@ -11,6 +11,7 @@ Neuroglancer asks for first, needs the whole volume below it.
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -20,10 +21,12 @@ import dask.array as da
 import numpy as np
 
 from ..cache import Section
-from ..readers import Reader, Region
+from ..readers import Reader, Region, SourceError
 from ..readers.base import within
 from ..workers import Workers
 from .downsample import METHODS
+
+log = logging.getLogger("bil_transform")
 
 DEFAULT_CHUNK = (64, 64, 64)
 SLAB_BYTES = 32 * 2**20  # the most one native read may decode at once (it holds many blocks)
@@ -83,7 +86,9 @@ class Pyramid:
 
     def display_window(self, c: int) -> tuple[float, float]:
         """Contrast limits for channel c: the source's own, else the 0.1-99.9 percentiles of a
-        central crop (at most 1024 x 1024) of the middle plane of the coarsest native level."""
+        central crop (at most 1024 x 1024) of the middle plane of the coarsest native level. If
+        that plane cannot be read, the dtype's range for now: a damaged plane fails the chunks
+        that touch it, not every document and listing that shows the dataset."""
         known = self.volume.channels[c].window
         if known is not None:
             return known
@@ -91,7 +96,12 @@ class Pyramid:
             native = len(self.volume.native_levels) - 1
             z, y, x = self.volume.native_levels[native].shape
             crop = [slice(max(0, (n - 1024) // 2), min(n, (n - 1024) // 2 + 1024)) for n in (y, x)]
-            plane = self.reader.read(native, 0, c, (slice(z // 2, z // 2 + 1), *crop))
+            try:
+                plane = self.reader.read(native, 0, c, (slice(z // 2, z // 2 + 1), *crop))
+            except SourceError as exc:
+                log.warning("%s: display window of channel %d from the dtype's range: %s", self.key[0], c, exc)
+                dtype = self.volume.dtype
+                return (0.0, float(np.iinfo(dtype).max)) if dtype.kind in "iu" else (0.0, 1.0)
             lo, hi = (float(v) for v in np.percentile(plane, [0.1, 99.9]))
             self._windows[c] = (lo, hi if hi > lo else lo + 1)
         return self._windows[c]
