@@ -104,3 +104,41 @@ def test_a_damaged_file_marks_only_its_dataset_unavailable_and_the_server_starts
         assert requests.get(srv.url("/ds/good/zarr/0/0/0/0/0/0")).status_code == 200
     finally:
         srv.stop()
+
+
+def test_an_ims_with_a_corrupted_middle_never_stops_the_start(tmp_path):
+    """Issue 13, point 1: an .ims whose middle bytes are garbage raised KeyError at start-up."""
+    from imaris_writer import write_ims
+
+    data = np.random.default_rng(5).integers(0, 4000, (24, 64, 64), dtype=np.uint16)
+    tifffile.imwrite(tmp_path / "good.tif", data, photometric="minisblack")
+    for name in ("meta", "data"):
+        write_ims(tmp_path / f"{name}.ims", [data])
+    for name, fraction in (("meta", 0.02), ("data", 0.5)):  # its headers, then its chunks
+        path = tmp_path / f"{name}.ims"
+        size = path.stat().st_size
+        with open(path, "r+b") as f:
+            f.seek(int(size * fraction))
+            f.write(bytes(range(256)) * 16)
+    catalog = tmp_path / "catalog.toml"
+    catalog.write_text("".join(f'[[datasets]]\nid = "{n}"\npath = "{tmp_path / f}"\n\n'
+                               for n, f in (("meta", "meta.ims"), ("data", "data.ims"), ("good", "good.tif"))))
+    srv = Server(catalog)
+    try:
+        listed = {d["id"]: d for d in requests.get(srv.url("/api/datasets")).json()["datasets"]}
+        assert listed["good"]["status"] == "ok"
+        assert requests.get(srv.url("/ds/good/zarr/0/0/0/0/0/0")).status_code == 200
+        for name in ("meta", "data"):
+            if listed[name]["status"] == "error":
+                assert listed[name]["error"].startswith(f"{name}.ims: "), listed[name]["error"]
+                continue
+            r = requests.get(srv.url(f"/ds/{name}/zarr-none/0/0/0/0/0/0"))  # opened: exact, or a 500 naming it
+            assert r.status_code in (200, 500), r.text
+            if r.status_code == 500:
+                assert f"{name}.ims" in r.text and "damaged" in r.text
+            else:
+                np.testing.assert_array_equal(np.frombuffer(r.content, "<u2").reshape(data.shape), data)
+        assert listed["meta"]["status"] == "error" or listed["data"]["status"] == "ok"
+        assert srv.alive()
+    finally:
+        srv.stop()
