@@ -169,8 +169,8 @@ async def _voxels(request: web.Request) -> tuple[Dataset, Pyramid]:
     ds = _dataset(request)
     access.check(ds.spec.id, ds.spec.embargo, _token(request), request.app[TOKENS])
     pending = ds.check()
-    if pending is not None:
-        await asyncio.wrap_future(pending)
+    if pending is not None:  # shielded: a client that leaves must not cancel a check others rely on
+        await asyncio.shield(asyncio.wrap_future(pending))
     snap = ds.snapshot
     if snap.pyramid is None:
         raise web.HTTPServiceUnavailable(text=f"Dataset {ds.spec.id!r} is unavailable: {ds.public(snap.error or '')}",
@@ -463,6 +463,9 @@ async def observed(request: web.Request, handler: Callable) -> web.StreamRespons
         return response
     except web.HTTPException as exc:
         status = exc.status
+        raise
+    except asyncio.CancelledError:
+        status = 499  # the client went away first (nginx's name for it)
         raise
     finally:
         info = request.match_info  # the label set stays bounded whatever the path: zarr, zarr3, precomputed, ...
