@@ -37,12 +37,18 @@ def parse_size(text: str) -> int:
 
 
 def default_cache_size() -> int:
-    """A quarter of the machine's memory: the demo's whole pyramid with its blocks fits in a few
-    GiB, and the rest is left to the OS page cache, which holds the source files."""
+    """A quarter of the memory this process may use (the machine's, or a container's limit): the
+    demo's whole pyramid with its blocks fits in a few GiB, and the rest is left to the OS page
+    cache, which holds the source files."""
     try:
-        return max(2**28, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4)
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return 2**30
+    try:  # cgroup v2 (docker --memory, Kubernetes limits); "max" when there is none
+        memory = min(memory, int(Path("/sys/fs/cgroup/memory.max").read_text()))
+    except (OSError, ValueError):
+        pass
+    return max(2**28, memory // 4)
 
 
 def _add_server_args(p: argparse.ArgumentParser) -> None:
@@ -109,6 +115,11 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _reachable(host: str) -> str:
+    """The host part of a URL that reaches a server listening on `host` (all interfaces: this machine)."""
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else f"[{host}]" if ":" in host else host
+
+
 def run_server(specs: list[DatasetSpec], args: argparse.Namespace) -> None:
     from .server import create_app
 
@@ -117,8 +128,7 @@ def run_server(specs: list[DatasetSpec], args: argparse.Namespace) -> None:
     sock = _listen(args.host, args.port)
     cache, workers = Cache(args.cache_size), Workers(args.workers)
     datasets = {s.id: Dataset(s, cache, recheck=args.recheck, workers=workers) for s in specs}
-    shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else f"[{args.host}]" if ":" in args.host else args.host
-    base = (args.public_url or f"http://{shown}:{args.port}").rstrip("/")
+    base = (args.public_url or f"http://{_reachable(args.host)}:{args.port}").rstrip("/")
     for ds in datasets.values():
         if ds.error:
             print(f"  {ds.spec.id}: UNAVAILABLE: {ds.error}", file=sys.stderr)
@@ -158,17 +168,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     path = make_demo(Path(args.data_dir) if args.data_dir else None)
     spec = DatasetSpec(id="demo", path=str(path), metadata={
         "title": "Synthetic mouse-brain-like stack (demo)", "technique": "synthetic serial-section fluorescence"})
-    url = f"http://{args.host}:{args.port}/ds/demo/zarr"
+    base = f"http://{_reachable(args.host)}:{args.port}"
+    url = f"{base}/ds/demo/zarr"
     zarr_line = (f"python -c \"import zarr; a = zarr.open_group('{url}', mode='r')['0']; "
                  "print(a.shape, a[0, 0, 128, 500:504, 500:504])\"")
     print(f"""
 Demo data: {path}
 Open it with:
   napari:      napari --plugin napari-ome-zarr {url}
-  Neuroglancer: paste precomputed://http://{args.host}:{args.port}/ds/demo/precomputed (or zarr://{url}),
+  Neuroglancer: paste precomputed://{base}/ds/demo/precomputed (or zarr://{url}),
                or follow "open in Neuroglancer" on the index page
   zarr-python: {zarr_line}
-  browser:     http://{args.host}:{args.port}/
+  browser:     {base}/
 """)
     run_server([spec], args)
     return 0
