@@ -21,10 +21,11 @@ from .writers.codecs import COMPRESSORS
 from .writers.precomputed import ENCODINGS
 
 KINDS = ("image", "labels")
+ORIGINS = ("source", "zero")
 METADATA = "metadata"  # [datasets.metadata]: free metadata under any name
 # The fields of a [[datasets]] table (DatasetSpec's, checked in _fields); any other key is free metadata,
 # unless it is close to one of these (a misspelling, refused with "did you mean").
-KNOWN_KEYS = ("id", "path", "voxel_size", "kind", "embargo", "downsample", "compression", "encoding", "chunk",
+KNOWN_KEYS = ("id", "path", "voxel_size", "kind", "embargo", "downsample", "compression", "encoding", "chunk", "origin",
               METADATA)
 TOP_LEVEL = ("datasets",)  # the only key a catalog file has at its top level
 ID_PATTERN = re.compile(r"[A-Za-z0-9._-]+")
@@ -45,6 +46,7 @@ class DatasetSpec:
     compression: str = "blosc"
     encoding: str | None = None  # precomputed; default by kind and dtype
     chunk: tuple[int, int, int] = DEFAULT_CHUNK
+    origin: str = "source"  # source: the files' own position in space; zero: voxel 0 at 0 (for viewers that need it)
     metadata: dict[str, str] = field(default_factory=dict)
 
 
@@ -182,6 +184,7 @@ def _fields(entry: dict, base: Path, taken: set[str]) -> DatasetSpec:
     downsample = _one_of(entry, "downsample", tuple(METHODS), None)
     compression = _one_of(entry, "compression", tuple(COMPRESSORS), "blosc")
     encoding = _one_of(entry, "encoding", ENCODINGS, None)
+    origin = _one_of(entry, "origin", ORIGINS, "source")
     chunk = entry.get("chunk", DEFAULT_CHUNK)
     if "chunk" in entry and not (isinstance(chunk, list) and len(chunk) == 3 and all(
             isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in chunk)):
@@ -211,6 +214,7 @@ def _fields(entry: dict, base: Path, taken: set[str]) -> DatasetSpec:
         compression=compression,
         encoding=encoding,
         chunk=tuple(chunk),
+        origin=origin,
         metadata=metadata,
     )
 

@@ -84,6 +84,9 @@ class Dataset:
             overrides = {"kind": spec.kind}
             if spec.voxel_size:
                 overrides.update(voxel_size=spec.voxel_size, voxel_size_known=True)
+            if spec.origin == "zero":
+                overrides.update(origin=(0.0, 0.0, 0.0), native_levels=tuple(
+                    dataclasses.replace(lvl, translation=None) for lvl in reader.volume.native_levels))
             reader.volume = dataclasses.replace(reader.volume, **overrides)
             method = spec.downsample or ("mode" if spec.kind == "labels" else "mean")
             pyramid = Pyramid(reader, self.cache.section("blocks"), spec.id, method=method, chunk=spec.chunk,

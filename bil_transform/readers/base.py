@@ -48,6 +48,7 @@ class NativeLevel:
 
     shape: tuple[int, int, int]  # z, y, x
     factors: tuple[float, float, float]  # voxel size relative to level 0, z, y, x (Imaris: 75/38, not 2)
+    translation: tuple[float, float, float] | None = None  # centre of its voxel 0, z, y, x um, as the source says
 
 
 @dataclass(frozen=True)

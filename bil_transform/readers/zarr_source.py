@@ -36,8 +36,33 @@ def _ome_attrs(group: zarr.Group) -> dict | None:
     return ome if "multiscales" in ome else None
 
 
-def _scale_of(dataset: dict) -> list[float] | None:
-    return next((t["scale"] for t in dataset.get("coordinateTransformations", []) if t["type"] == "scale"), None)
+def _transform(node: dict, kind: str) -> list[float] | None:
+    return next((t.get(kind) for t in node.get("coordinateTransformations", []) if t.get("type") == kind), None)
+
+
+def _physical(ms: dict, axes: str) -> list[tuple[tuple[float, ...] | None, tuple[float, ...] | None]]:
+    """Each level's (z, y, x) scale and translation in micrometers, None where the metadata has none:
+    the level's own transforms, then the multiscale's, which NGFF applies after them."""
+    units = {a.get("name"): a.get("unit") for a in ms.get("axes", []) if isinstance(a, dict)}
+    um = [UM_PER_UNIT_NAME.get(units.get(a) or "micrometer", 1.0) for a in axes]
+    outer_scale = _transform(ms, "scale") or [1.0] * len(axes)
+    outer_shift = _transform(ms, "translation") or [0.0] * len(axes)
+    out = []
+    for d in ms["datasets"]:
+        scale, shift = _transform(d, "scale"), _transform(d, "translation")
+        fits = [v is not None and len(v) == len(axes) for v in (scale, shift, outer_scale, outer_shift)]
+        if not (fits[2] and fits[3]):
+            outer_scale, outer_shift = [1.0] * len(axes), [0.0] * len(axes)
+        zyx = {}
+        if fits[0]:
+            zyx["scale"] = {a: v * o * u for a, v, o, u in zip(axes, scale, outer_scale, um)}
+        if fits[1] or any(outer_shift):
+            own = shift if fits[1] else [0.0] * len(axes)
+            zyx["shift"] = {a: (v * o + t) * u for a, v, o, t, u in zip(axes, own, outer_scale, outer_shift, um)}
+        out.append(tuple(
+            (m.get("z", 1.0 if key == "scale" else 0.0), m["y"], m["x"]) if (m := zyx.get(key)) else None
+            for key in ("scale", "shift")))
+    return out
 
 
 class ZarrReader:
@@ -59,23 +84,25 @@ class ZarrReader:
             axes = "".join(a["name"] if isinstance(a, dict) else a for a in ms.get("axes", [])) or None
             arrays = [node[d["path"]] for d in ms["datasets"]]
             axes = axes or DEFAULT_AXES.get(arrays[0].ndim)
-            voxel, voxel_known = self._voxel_size(ms, axes)
             channels = self._channels(ome.get("omero"))
         if axes is None or not set(axes) <= set("tczyx") or len(axes) != arrays[0].ndim or not axes.endswith("yx"):
             raise SourceError(f"{self.path}: unsupported axes {axes!r} for a {arrays[0].ndim}-D array")
         self._axes, self._arrays = axes, arrays
         full = dict(zip(axes, arrays[0].shape))
         shape = (full.get("t", 1), full.get("c", 1), full.get("z", 1), full["y"], full["x"])
-        scales = self._scales(ms, axes) if not isinstance(node, zarr.Array) else [None]
+        physical = _physical(ms, axes) if not isinstance(node, zarr.Array) else [(None, None)]
+        scales = [scale if scale and all(v > 0 for v in scale) else None for scale, _ in physical]
+        if scales[0] is not None:
+            voxel, voxel_known = scales[0], True
         levels = []
-        for a, scale in zip(arrays, scales):
+        for a, scale, (_, shift) in zip(arrays, scales, physical):
             s = dict(zip(axes, a.shape))
             lvl = (s.get("z", 1), s["y"], s["x"])
             if scale is not None and scales[0] is not None:  # the metadata's own factors: 75 -> 38 is still 2
                 factors = tuple(mine / first for first, mine in zip(scales[0], scale))
             else:
                 factors = tuple(float(max(1, round(n0 / n))) for n0, n in zip(shape[2:], lvl))
-            levels.append(NativeLevel(lvl, factors))
+            levels.append(NativeLevel(lvl, factors, shift))
         chunks = dict(zip(axes, arrays[0].chunks))
         meta = [p for a in arrays for n in METADATA_FILES if (p := self.path / a.path / n).exists()]
         meta += [p for n in METADATA_FILES if (p := self.path / n).exists()]
@@ -93,27 +120,8 @@ class ZarrReader:
             version=version_token(sorted(set(meta))),
             files=tuple(str(p) for p in sorted(set(meta))),
             channels=channels,
+            origin=levels[0].translation or (0.0, 0.0, 0.0),
         )
-
-    @staticmethod
-    def _scales(ms: dict, axes: str) -> list[tuple[float, float, float] | None]:
-        """Each level's (z, y, x) scale transform, None where a level has none (or a zero)."""
-        out = []
-        for d in ms["datasets"]:
-            scale = _scale_of(d)
-            size = dict(zip(axes, scale)) if scale is not None and len(scale) == len(axes) else None
-            zyx = (size.get("z", 1.0), size["y"], size["x"]) if size else None
-            out.append(zyx if zyx and all(v > 0 for v in zyx) else None)
-        return out
-
-    @staticmethod
-    def _voxel_size(ms: dict, axes: str) -> tuple[tuple[float, float, float], bool]:
-        scale = _scale_of(ms["datasets"][0])
-        if scale is None:
-            return (1.0, 1.0, 1.0), False
-        units = {a.get("name"): a.get("unit") for a in ms.get("axes", []) if isinstance(a, dict)}
-        size = {a: s * UM_PER_UNIT_NAME.get(units.get(a) or "micrometer", 1.0) for a, s in zip(axes, scale)}
-        return (size.get("z", 1.0), size["y"], size["x"]), True
 
     @staticmethod
     def _channels(omero: dict | None) -> tuple[Channel, ...]:

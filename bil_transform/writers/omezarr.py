@@ -26,18 +26,32 @@ AXES = [
     {"name": "x", "type": "space", "unit": "micrometer"},
 ]
 DIMENSIONS = [a["name"] for a in AXES]
+
+
+def array_dimensions(level: int) -> list[str]:
+    """xarray's `_ARRAY_DIMENSIONS` of a v2 level: t and c are shared, the spatial axes of each
+    coarser level are its own (z1, y1, x1, ...), so `xarray.open_zarr` opens every level of the
+    group side by side instead of refusing their different sizes. (v3's `dimension_names` must
+    be the NGFF axis names, so there every level says t, c, z, y, x.)"""
+    return [*DIMENSIONS[:2], *(f"{a}{level}" if level else a for a in DIMENSIONS[2:])]
 SHARD_CHUNKS = 4  # inner chunks per shard along z, y and x, where the level is that large
 
 
 def multiscale(pyramid: Pyramid, name: str) -> dict:
-    """One NGFF multiscale (without its version, which 0.4 and 0.5 place differently); each
-    level's scale and translation put its voxel centres where the box-downsampled voxels'
-    centres are, so levels overlay exactly."""
+    """One NGFF multiscale (without its version, which 0.4 and 0.5 place differently). A level the
+    source stores keeps the source's translation; a computed level's puts its voxel centres where
+    the centres of the voxels it averages are, so levels overlay exactly."""
     vol = pyramid.volume
-    datasets = []
+    datasets, shift, scale = [], list(vol.origin), list(vol.voxel_size)
     for i, lvl in enumerate(pyramid.levels):
+        stored = vol.native_levels[lvl.native].translation if lvl.native is not None else None
+        if stored is not None:  # the source's own, kept as it says
+            shift = list(stored)
+        elif lvl.native is not None:  # a stored level without one: box-downsampled from level 0
+            shift = [o + (f - 1) / 2 * v for o, f, v in zip(vol.origin, lvl.factors, vol.voxel_size)]
+        else:  # computed: the centre of the parent voxels each voxel averages
+            shift = [t + (s - 1) / 2 * v for t, s, v in zip(shift, lvl.step, scale)]
         scale = [v * f for v, f in zip(vol.voxel_size, lvl.factors)]
-        shift = [o + (f - 1) / 2 * v for o, f, v in zip(vol.origin, lvl.factors, vol.voxel_size)]
         datasets.append({
             "path": str(i),
             "coordinateTransformations": [
@@ -135,7 +149,7 @@ class OmeZarrV2(_ZarrView):
             "chunks": self.chunk_shape(level),
             "dtype": self.dtype.newbyteorder("<").str if self.dtype.itemsize > 1 else self.dtype.str,
             "compressor": self.compressor.v2(),
-            "fill_value": 0,
+            "fill_value": None,  # every chunk is answered: no value stands for "missing" (xarray masked 0s as NaN)
             "order": "C",
             "filters": None,
             "dimension_separator": "/",
@@ -150,7 +164,7 @@ class OmeZarrV2(_ZarrView):
         docs = {".zgroup": {"zarr_format": 2}, ".zattrs": self.zattrs()}
         for level in range(len(self.pyramid.levels)):
             docs[f"{level}/.zarray"] = self.zarray(level)
-            docs[f"{level}/.zattrs"] = {"_ARRAY_DIMENSIONS": DIMENSIONS}
+            docs[f"{level}/.zattrs"] = {"_ARRAY_DIMENSIONS": array_dimensions(level)}
         return docs
 
     def resource(self, key: str) -> Resource:
@@ -162,7 +176,7 @@ class OmeZarrV2(_ZarrView):
         if rest == ".zarray":
             return self._doc(key, lambda: self.zarray(level))
         if rest == ".zattrs":
-            return self._doc(key, lambda: {"_ARRAY_DIMENSIONS": DIMENSIONS})
+            return self._doc(key, lambda: {"_ARRAY_DIMENSIONS": array_dimensions(level)})
         grid = [*self.pyramid.volume.shape[:2], *self.pyramid.levels[level].grid]
         parts = rest.split("/") if "/" in rest else rest.split(".")
         if rest.startswith("."):
@@ -214,9 +228,13 @@ class OmeZarrV3(_ZarrView):
         }
 
     def group_json(self) -> dict:
+        """The root group, with zarr-python's inline consolidated metadata: zarr v3 has no listing,
+        so without it group.keys() is empty and xarray.open_zarr finds no arrays."""
         ome = {"version": "0.5", "multiscales": [multiscale(self.pyramid, self.name)],
                "omero": omero(self.pyramid, self.name)}
-        return {"zarr_format": 3, "node_type": "group", "attributes": {"ome": ome}}
+        levels = {str(level): self.zarr_json(level) for level in range(len(self.pyramid.levels))}
+        return {"zarr_format": 3, "node_type": "group", "attributes": {"ome": ome},
+                "consolidated_metadata": {"kind": "inline", "must_understand": False, "metadata": levels}}
 
     def shard(self, level: int, t: int, c: int, index: tuple[int, int, int]) -> Shard:
         """Inner chunks in C order; those wholly past the level's edge are not stored."""
