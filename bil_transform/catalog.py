@@ -26,7 +26,7 @@ METADATA = "metadata"  # [datasets.metadata]: free metadata under any name
 # The fields of a [[datasets]] table (DatasetSpec's, checked in _fields); any other key is free metadata,
 # unless it is close to one of these (a misspelling, refused with "did you mean").
 KNOWN_KEYS = ("id", "path", "voxel_size", "kind", "embargo", "downsample", "compression", "encoding", "chunk", "origin",
-              METADATA)
+              "labels", METADATA)
 TOP_LEVEL = ("datasets",)  # the only key a catalog file has at its top level
 ID_PATTERN = re.compile(r"[A-Za-z0-9._-]+")
 
@@ -47,6 +47,7 @@ class DatasetSpec:
     encoding: str | None = None  # precomputed; default by kind and dtype
     chunk: tuple[int, int, int] = DEFAULT_CHUNK
     origin: str = "source"  # source: the files' own position in space; zero: voxel 0 at 0 (for viewers that need it)
+    labels: tuple[str, ...] = ()  # ids of kind = "labels" datasets served under this image's labels/ group
     metadata: dict[str, str] = field(default_factory=dict)
 
 
@@ -185,6 +186,10 @@ def _fields(entry: dict, base: Path, taken: set[str]) -> DatasetSpec:
     compression = _one_of(entry, "compression", tuple(COMPRESSORS), "blosc")
     encoding = _one_of(entry, "encoding", ENCODINGS, None)
     origin = _one_of(entry, "origin", ORIGINS, "source")
+    labels = entry.get("labels", [])
+    names = isinstance(labels, list) and all(isinstance(v, str) and v for v in labels)
+    if not names or len(set(labels)) < len(labels):
+        raise _Bad(f"labels must be a list of distinct dataset ids, like [\"atlas\", \"cells\"]; got {_show(labels)}")
     chunk = entry.get("chunk", DEFAULT_CHUNK)
     if "chunk" in entry and not (isinstance(chunk, list) and len(chunk) == 3 and all(
             isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in chunk)):
@@ -215,6 +220,7 @@ def _fields(entry: dict, base: Path, taken: set[str]) -> DatasetSpec:
         encoding=encoding,
         chunk=tuple(chunk),
         origin=origin,
+        labels=tuple(labels),
         metadata=metadata,
     )
 
@@ -261,7 +267,24 @@ def load_catalog(path: str | Path) -> list[DatasetSpec]:
         first[spec.id] = i
         taken.add(spec.id)
         specs.append(spec)
+    _check_labels(specs, path, first)
     return specs
+
+
+def _check_labels(specs: list[DatasetSpec], path: Path, index: dict[str, int]) -> None:
+    """Each `labels` entry names a kind = "labels" dataset of the catalog, attached to an image."""
+    kinds = {s.id: s.kind for s in specs}
+    for spec in specs:
+        where = f"{path}: dataset {spec.id!r} (datasets[{index[spec.id]}])"
+        if spec.labels and spec.kind != "image":
+            raise CatalogError(f"{where}: labels can be attached to an image only; this dataset is {spec.kind}")
+        for label in spec.labels:
+            if label not in kinds:
+                close = _did_you_mean(label, list(kinds))
+                raise CatalogError(f"{where}: labels names {label!r}, which is no dataset of the catalog{close}")
+            if kinds[label] != "labels":
+                raise CatalogError(f"{where}: labels names {label!r}, whose kind is {kinds[label]!r}; "
+                                   'a dataset attached as labels needs kind = "labels"')
 
 
 def specs_from_paths(paths: list[str]) -> list[DatasetSpec]:

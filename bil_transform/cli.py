@@ -120,6 +120,21 @@ def _reachable(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "::", "") else f"[{host}]" if ":" in host else host
 
 
+def _check_labels(datasets: dict[str, Dataset]) -> None:
+    """A label dataset attached to an image must have the shape of one of the image's levels
+    (checked where both opened; an unavailable one says so on its own line)."""
+    from .writers.omezarr import label_frame
+
+    for ds in datasets.values():
+        for name in ds.spec.labels:
+            image, label = ds.pyramid, datasets[name].pyramid
+            if image is not None and label is not None and label_frame(image, label) is None:
+                shapes = ", ".join("x".join(map(str, lvl.shape)) for lvl in image.levels)
+                raise ServeError(f"dataset {ds.spec.id!r}: its label dataset {name!r} is "
+                                 f"{'x'.join(map(str, label.levels[0].shape))} (z, y, x), the shape of none of "
+                                 f"the image's levels ({shapes})")
+
+
 def run_server(specs: list[DatasetSpec], args: argparse.Namespace) -> None:
     from .server import create_app
 
@@ -128,6 +143,7 @@ def run_server(specs: list[DatasetSpec], args: argparse.Namespace) -> None:
     sock = _listen(args.host, args.port)
     cache, workers = Cache(args.cache_size), Workers(args.workers)
     datasets = {s.id: Dataset(s, cache, recheck=args.recheck, workers=workers) for s in specs}
+    _check_labels(datasets)
     base = (args.public_url or f"http://{_reachable(args.host)}:{args.port}").rstrip("/")
     for ds in datasets.values():
         if ds.error:

@@ -24,7 +24,7 @@ from .pyramid import Pyramid
 from .readers import SourceError
 from .readers.files import checksummer, source_files, volume_files
 from .workers import Workers
-from .writers import make_view
+from .writers import ZARR_FORMATS, listing, make_view, parse_view
 from .writers.manifest import Manifest
 from .writers.region import Region, RegionBody, RegionTooLarge
 from .writers.resource import Body
@@ -51,6 +51,7 @@ STATE = web.AppKey("state", dict)
 METRICS = web.AppKey("metrics", Metrics)
 TOKENS = web.AppKey("tokens", Tokens)
 VIEW = r"{view:(?:zarr3?|precomputed)(?:-[a-z0-9_-]+)?}"
+ALIAS = r"{view:[^/]+\.ome\.zarr}"  # ID.ome.zarr, ID.VIEW.ome.zarr: a zarr view under a name ending in .zarr
 RANGE = re.compile(r"bytes=(?P<first>\d*)-(?P<last>\d*)")
 HUGE = 10**18  # past the end of every body, every level and every axis
 PROGRESS_EVERY = 10  # seconds between log lines about one long computation
@@ -309,12 +310,25 @@ async def _stream(request: web.Request, body: Body, response: web.StreamResponse
     return response
 
 
+def _view_name(match_info) -> str | None:
+    """The view a request names: the URL's view name, or the zarr view an alias stands for (None
+    for a name that is neither)."""
+    name = match_info.get("view")
+    if name is None or not name.endswith(listing.SUFFIX):
+        return name
+    return listing.unsuffixed(match_info.get("id", ""), name)
+
+
 async def dataset_view(request: web.Request) -> web.Response:
-    """/ds/{id}[/t/{t}][/c/{c}]/{view}/{key}: every format view of every dataset."""
-    if not request.match_info["key"] and _browser(request):
+    """/ds/{id}[/t/{t}][/c/{c}]/{view}/{key}: every format view of every dataset, and the aliases
+    of the zarr views. A key ending in '/' (or none) is a directory: its listing."""
+    key = request.match_info["key"]
+    if not key and _navigating(request):
         return await landing(request)
     ds, pyramid = await _voxels(request)
-    name, key = request.match_info["view"], request.match_info["key"]
+    name = _view_name(request.match_info)
+    if name is None:
+        raise web.HTTPNotFound(text=f"No view {request.match_info['view']!r} of {ds.spec.id!r}")
     t, c = (_count(request.match_info[k]) if k in request.match_info else None for k in ("t", "c"))
     try:
         view = make_view(pyramid, name, request.app[CHUNKS], compression=ds.spec.compression,
@@ -323,13 +337,30 @@ async def dataset_view(request: web.Request) -> web.Response:
         raise web.HTTPNotFound(text=exc.args[0]) from None
     except ValueError as exc:
         raise web.HTTPBadRequest(text=str(exc)) from None
+    zarr = parse_view(name)[0] in ZARR_FORMATS
+    if not key or key.endswith("/"):
+        return _listing(request, view, key)
     try:
         res = view.resource(key)
     except KeyError:
         raise web.HTTPNotFound(text=f"No key {key!r} in the {name} view of {ds.spec.id!r}") from None
     except ValueError as exc:
+        if zarr:  # a path that cannot exist is a missing one: zarr clients and fsspec read 404 so
+            raise web.HTTPNotFound(text=f"No key {key!r} in the {name} view of {ds.spec.id!r}: {exc}") from None
         raise web.HTTPBadRequest(text=str(exc)) from None
     return await _serve(request, res)
+
+
+def _listing(request: web.Request, view, prefix: str) -> web.Response:
+    """A directory of a view: an HTML index of the names directly under it (fsspec's HTTP `ls`
+    and Neuroglancer's path completion read its links), 404 if there is no such directory."""
+    names = listing.children(view, prefix)
+    if names is None:
+        raise web.HTTPNotFound(text=f"No directory {prefix!r} in the {request.match_info['view']} view")
+    note = "" if names or prefix == "" else f"More than {listing.MAX_LISTED} files: too many to list"
+    response = _html(listing.page(f"{request.match_info['view']}/{prefix}", names, note))
+    response.headers["Vary"] = "Accept, Sec-Fetch-Mode"  # the root answers a browser with the landing page
+    return response
 
 
 async def dataset_region(request: web.Request) -> web.StreamResponse:
@@ -428,16 +459,30 @@ async def landing(request: web.Request) -> web.Response:
     return _html(await _in_pool(request, pages.landing_html, ds, base, viewer, _may_read(request, ds)))
 
 
-def _browser(request: web.Request) -> bool:
-    return "text/html" in request.headers.get("Accept", "")
+def _navigating(request: web.Request) -> bool:
+    """Whether a browser is loading a page (Sec-Fetch-Mode: navigate; without Sec-Fetch headers,
+    an Accept that lists text/html among others). Neuroglancer asks for a directory listing with
+    `Accept: text/html` alone, from a fetch (Sec-Fetch-Mode: cors): it gets the listing."""
+    mode = request.headers.get("Sec-Fetch-Mode")
+    if mode:
+        return mode.strip().lower() == "navigate"
+    accept = request.headers.get("Accept", "")
+    return "text/html" in accept and accept.strip().lower() != "text/html"
 
 
 async def view_root(request: web.Request) -> web.Response:
-    """A view's bare root (/ds/ID/zarr, the URL people are given): a browser gets the landing page;
-    zarr clients and Neuroglancer never ask for it, so anything else gets the 404 it always got."""
-    if _browser(request):
+    """A view's bare root (/ds/ID/zarr, the URL people are given): a browser gets the landing page,
+    any other client is sent on to the root's listing (VIEW/), relative so a token prefix stays."""
+    if _navigating(request):
         return await landing(request)
-    raise web.HTTPNotFound(text=f"{request.match_info['view']} is a view's root; its keys are below it")
+    ds, name = _dataset(request), _view_name(request.match_info)
+    try:
+        parse_view(name or "")
+    except KeyError as exc:
+        raise web.HTTPNotFound(text=f"{exc.args[0] if name else 'No view ' + repr(request.match_info['view'])} "
+                                    f"of {ds.spec.id!r}") from None
+    raise web.HTTPTemporaryRedirect(location=request.match_info["view"] + "/",
+                                    headers={"Vary": "Accept, Sec-Fetch-Mode"})
 
 
 async def openapi_document(request: web.Request) -> web.Response:
@@ -469,7 +514,8 @@ async def observed(request: web.Request, handler: Callable) -> web.StreamRespons
         raise
     finally:
         info = request.match_info  # the label set stays bounded whatever the path: zarr, zarr3, precomputed, ...
-        view = info.get("view", "").split("-")[0] or (
+        view = (_view_name(info) or "").split("-")[0]
+        view = view if view in ("zarr", "zarr3", "precomputed") else (
             info.handler.__name__ if getattr(info.route, "resource", None) is not None else "unrouted")
         # a streamed body is sent by now; a whole one is sent after this returns, and its length is known
         sent = 0 if response is None else response.body_length if response.prepared else response.content_length or 0
@@ -506,6 +552,7 @@ def create_app(datasets: dict[str, Dataset], cache: Cache, workers: Workers,
     for selector in ("", r"/t/{t:\d+}", r"/c/{c:\d+}", r"/t/{t:\d+}/c/{c:\d+}"):
         root = f"/ds/{{id}}{selector}/{VIEW}"
         routes += [(root, view_root), (root + "/{key:.*}", dataset_view)]
+    routes += [(f"/ds/{{id}}/{ALIAS}", view_root), (f"/ds/{{id}}/{ALIAS}/{{key:.*}}", dataset_view)]
     for path, handler in routes:
         app.router.add_get(path, handler, expect_handler=_expect)
         app.router.add_get("/token/{token:[^/]+}" + path, handler, expect_handler=_expect)

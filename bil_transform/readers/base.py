@@ -69,6 +69,7 @@ class Volume:
     kind: str = "image"
     notes: tuple[str, ...] = field(default=())
     files: tuple[str, ...] = ()  # the files whose names, sizes and mtimes make the version
+    label_colors: tuple[tuple[int, tuple[int, int, int, int]], ...] = ()  # label value -> RGBA, where the source says
 
     @property
     def spatial_shape(self) -> tuple[int, int, int]:

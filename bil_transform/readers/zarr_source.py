@@ -73,6 +73,7 @@ class ZarrReader:
         except Exception as exc:
             raise SourceError(f"{self.path}: not a readable Zarr array or group ({exc})") from exc
         channels: tuple[Channel, ...] = ()
+        colors: tuple = ()
         voxel, voxel_known = (1.0, 1.0, 1.0), False
         if isinstance(node, zarr.Array):
             arrays, axes = [node], DEFAULT_AXES.get(node.ndim)
@@ -85,6 +86,7 @@ class ZarrReader:
             arrays = [node[d["path"]] for d in ms["datasets"]]
             axes = axes or DEFAULT_AXES.get(arrays[0].ndim)
             channels = self._channels(ome.get("omero"))
+            colors = self._label_colors(ome.get("image-label"))
         if axes is None or not set(axes) <= set("tczyx") or len(axes) != arrays[0].ndim or not axes.endswith("yx"):
             raise SourceError(f"{self.path}: unsupported axes {axes!r} for a {arrays[0].ndim}-D array")
         self._axes, self._arrays = axes, arrays
@@ -121,7 +123,18 @@ class ZarrReader:
             files=tuple(str(p) for p in sorted(set(meta))),
             channels=channels,
             origin=levels[0].translation or (0.0, 0.0, 0.0),
+            label_colors=colors,
         )
+
+    @staticmethod
+    def _label_colors(label: dict | None) -> tuple[tuple[int, tuple[int, int, int, int]], ...]:
+        """NGFF image-label colours: (label value, RGBA 0-255), the well-formed entries."""
+        out = []
+        for entry in (label or {}).get("colors", []):
+            value, rgba = entry.get("label-value"), entry.get("rgba")
+            if isinstance(value, int) and isinstance(rgba, list) and len(rgba) == 4:
+                out.append((value, tuple(int(v) for v in rgba)))
+        return tuple(out)
 
     @staticmethod
     def _channels(omero: dict | None) -> tuple[Channel, ...]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from ..cache import Section
 from ..pyramid import Pyramid
 from .codecs import COMPRESSORS
-from .omezarr import OmeZarrV2, OmeZarrV3
+from .omezarr import OmeZarrV2, OmeZarrV3, label_frame
 from .precomputed import ENCODINGS, Precomputed, default_encoding, served_dtype, supported
 from .resource import Resource
 from .sharding import Shard
@@ -28,17 +28,21 @@ def parse_view(name: str) -> tuple[str, str | None]:
 
 
 def make_view(pyramid: Pyramid, name: str, chunks: Section, *, compression: str, encoding: str | None,
-              t: int | None = None, channel: int | None = None) -> OmeZarrV2 | OmeZarrV3 | Precomputed:
+              t: int | None = None, channel: int | None = None,
+              labels: dict[str, Pyramid] | None = None) -> OmeZarrV2 | OmeZarrV3 | Precomputed:
     """The view called `name`, with the dataset's compression and encoding unless the name picks
-    one, keeping what it encodes in `chunks`. KeyError if there is no such view, ValueError if
-    it cannot hold this data."""
+    one, keeping what it encodes in `chunks`; zarr views serve `labels` (label pyramids by name)
+    under labels/, each placed on the image level whose shape it has (others are left out).
+    KeyError if there is no such view, ValueError if it cannot hold this data."""
     fmt, option = parse_view(name)
     if fmt in ZARR_FORMATS:
         if t is not None or channel is not None:
             raise KeyError(f"No view {name!r} of one time point or channel: zarr views hold them all")
+        placed = {n: (p, frame) for n, p in (labels or {}).items() if (frame := label_frame(pyramid, p))}
         if fmt == "zarr":
-            return OmeZarrV2(pyramid, chunks, pyramid.key[0], option or compression)
-        return OmeZarrV3(pyramid, chunks, pyramid.key[0], option or compression, sharded=fmt == "zarr3-sharded")
+            return OmeZarrV2(pyramid, chunks, pyramid.key[0], option or compression, labels=placed)
+        return OmeZarrV3(pyramid, chunks, pyramid.key[0], option or compression, sharded=fmt == "zarr3-sharded",
+                         labels=placed)
     return Precomputed(pyramid, chunks, option or encoding, t or 0, channel, sharded=fmt == "precomputed-sharded")
 
 

@@ -9,6 +9,7 @@ cache entry, and a v3 shard is assembled from exactly those entries.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -37,30 +38,62 @@ def array_dimensions(level: int) -> list[str]:
 SHARD_CHUNKS = 4  # inner chunks per shard along z, y and x, where the level is that large
 
 
-def multiscale(pyramid: Pyramid, name: str) -> dict:
-    """One NGFF multiscale (without its version, which 0.4 and 0.5 place differently). A level the
-    source stores keeps the source's translation; a computed level's puts its voxel centres where
-    the centres of the voxels it averages are, so levels overlay exactly."""
+@dataclass(frozen=True)
+class Frame:
+    """Where a label dataset's level 0 lies in the space of the image it is attached to: the
+    voxel size and translation of the image level whose shape it has."""
+
+    voxel_size: tuple[float, float, float]
+    origin: tuple[float, float, float]
+
+
+def level_transforms(pyramid: Pyramid, frame: Frame | None = None) -> list[tuple[list[float], list[float]]]:
+    """Each level's (z, y, x) scale and translation. A level the source stores keeps the source's
+    translation; a computed level's puts its voxel centres where the centres of the voxels it
+    averages are, so levels overlay exactly. In a `frame`, level 0 takes the frame's."""
     vol = pyramid.volume
-    datasets, shift, scale = [], list(vol.origin), list(vol.voxel_size)
-    for i, lvl in enumerate(pyramid.levels):
-        stored = vol.native_levels[lvl.native].translation if lvl.native is not None else None
+    voxel, origin = (frame.voxel_size, frame.origin) if frame else (vol.voxel_size, vol.origin)
+    out, shift, scale = [], list(origin), list(voxel)
+    for lvl in pyramid.levels:
+        stored = vol.native_levels[lvl.native].translation if lvl.native is not None and not frame else None
         if stored is not None:  # the source's own, kept as it says
             shift = list(stored)
         elif lvl.native is not None:  # a stored level without one: box-downsampled from level 0
-            shift = [o + (f - 1) / 2 * v for o, f, v in zip(vol.origin, lvl.factors, vol.voxel_size)]
+            shift = [o + (f - 1) / 2 * v for o, f, v in zip(origin, lvl.factors, voxel)]
         else:  # computed: the centre of the parent voxels each voxel averages
             shift = [t + (s - 1) / 2 * v for t, s, v in zip(shift, lvl.step, scale)]
-        scale = [v * f for v, f in zip(vol.voxel_size, lvl.factors)]
-        datasets.append({
-            "path": str(i),
-            "coordinateTransformations": [
-                {"type": "scale", "scale": [1.0, 1.0, *scale]},
-                {"type": "translation", "translation": [0.0, 0.0, *shift]},
-            ],
-        })
+        scale = [v * f for v, f in zip(voxel, lvl.factors)]
+        out.append((scale, shift))
+    return out
+
+
+def multiscale(pyramid: Pyramid, name: str, frame: Frame | None = None) -> dict:
+    """One NGFF multiscale (without its version, which 0.4 and 0.5 place differently)."""
+    datasets = [{"path": str(i), "coordinateTransformations": [
+        {"type": "scale", "scale": [1.0, 1.0, *scale]},
+        {"type": "translation", "translation": [0.0, 0.0, *shift]},
+    ]} for i, (scale, shift) in enumerate(level_transforms(pyramid, frame))]
     return {"name": name, "axes": AXES, "datasets": datasets,
             "type": pyramid.method, "metadata": {"method": f"bil_transform.pyramid.downsample.{pyramid.method}"}}
+
+
+def label_frame(image: Pyramid, label: Pyramid) -> Frame | None:
+    """The frame of the image level whose (z, y, x) shape the label's level 0 has, None if no
+    level has it (the label cannot be overlaid on this image)."""
+    for lvl, (scale, shift) in zip(image.levels, level_transforms(image)):
+        if lvl.shape == label.levels[0].shape:
+            return Frame(tuple(scale), tuple(shift))
+    return None
+
+
+def image_label(pyramid: Pyramid, attached: bool) -> dict:
+    """NGFF `image-label`: the source's colours where it has them, and the image it belongs to."""
+    doc: dict = {}
+    if pyramid.volume.label_colors:
+        doc["colors"] = [{"label-value": v, "rgba": list(rgba)} for v, rgba in pyramid.volume.label_colors]
+    if attached:
+        doc["source"] = {"image": "../../"}
+    return doc
 
 
 def omero(pyramid: Pyramid, name: str) -> dict:
@@ -89,10 +122,27 @@ class _ZarrView:
 
     view: str  # the URL name, which also keys its metadata documents in the cache
 
-    def __init__(self, pyramid: Pyramid, chunks: Section, name: str, compression: str = "blosc"):
+    def __init__(self, pyramid: Pyramid, chunks: Section, name: str, compression: str = "blosc",
+                 labels: dict[str, tuple[Pyramid, Frame]] | None = None, frame: Frame | None = None):
         self.pyramid, self.chunks, self.name = pyramid, chunks, name
         self.compressor = Compressor(compression)
         self.dtype = np.dtype(pyramid.volume.dtype)
+        self.labels = labels or {}  # label datasets served under labels/, each in this image's frame
+        self.frame = frame  # set when this view is a label group under its image
+
+    @property
+    def is_label(self) -> bool:
+        return self.pyramid.volume.kind == "labels"
+
+    def label_view(self, name: str) -> _ZarrView:
+        """The view of one attached label dataset, under labels/NAME/."""
+        if name not in self.labels:
+            raise KeyError(name)
+        pyramid, frame = self.labels[name]
+        return self.sub(pyramid, name, frame)
+
+    def sub(self, pyramid: Pyramid, name: str, frame: Frame) -> _ZarrView:
+        return type(self)(pyramid, self.chunks, name, self.compressor.name, frame=frame)
 
     def shape(self, level: int) -> list[int]:
         return [*self.pyramid.volume.shape[:2], *self.pyramid.levels[level].shape]
@@ -133,8 +183,9 @@ class _ZarrView:
                         BINARY, self.chunks, length=length)
 
     def _doc(self, key: str, doc: Callable[[], dict]) -> Resource:
-        return Resource((self.view, *self.pyramid.key, self.compressor.name, key), lambda: to_json(doc()), JSON,
-                        self.chunks, compressible=True)
+        labels = tuple((n, p.key, f) for n, (p, f) in self.labels.items())  # the documents list them
+        return Resource((self.view, *self.pyramid.key, self.compressor.name, self.frame, labels, key),
+                        lambda: to_json(doc()), JSON, self.chunks, compressible=True)
 
 
 class OmeZarrV2(_ZarrView):
@@ -156,22 +207,33 @@ class OmeZarrV2(_ZarrView):
         }
 
     def zattrs(self) -> dict:
-        return {"multiscales": [{"version": "0.4", **multiscale(self.pyramid, self.name)}],
-                "omero": {**omero(self.pyramid, self.name), "version": "0.4"}}
+        attrs: dict = {"multiscales": [{"version": "0.4", **multiscale(self.pyramid, self.name, self.frame)}]}
+        if self.is_label:
+            attrs["image-label"] = {"version": "0.4", **image_label(self.pyramid, self.frame is not None)}
+        else:
+            attrs["omero"] = {**omero(self.pyramid, self.name), "version": "0.4"}
+        return attrs
 
     def documents(self) -> dict[str, dict]:
-        """Every metadata key and its JSON; `.zmetadata` is exactly these."""
+        """Every metadata key and its JSON, the labels' too; `.zmetadata` is exactly these."""
         docs = {".zgroup": {"zarr_format": 2}, ".zattrs": self.zattrs()}
         for level in range(len(self.pyramid.levels)):
             docs[f"{level}/.zarray"] = self.zarray(level)
             docs[f"{level}/.zattrs"] = {"_ARRAY_DIMENSIONS": array_dimensions(level)}
+        if self.labels:
+            docs["labels/.zgroup"], docs["labels/.zattrs"] = {"zarr_format": 2}, {"labels": list(self.labels)}
+            for name in self.labels:
+                docs.update({f"labels/{name}/{k}": v for k, v in self.label_view(name).documents().items()})
         return docs
 
     def resource(self, key: str) -> Resource:
         if key == ".zmetadata":
             return self._doc(key, lambda: {"zarr_consolidated_format": 1, "metadata": self.documents()})
-        if key in (".zgroup", ".zattrs"):
+        if key in (".zgroup", ".zattrs") or (self.labels and key in ("labels/.zgroup", "labels/.zattrs")):
             return self._doc(key, lambda: self.documents()[key])
+        if key.startswith("labels/") and self.labels:
+            name, _, rest = key[len("labels/"):].partition("/")
+            return self.label_view(name).resource(rest)
         level, rest = self._level(key)
         if rest == ".zarray":
             return self._doc(key, lambda: self.zarray(level))
@@ -192,11 +254,15 @@ class OmeZarrV3(_ZarrView):
     view = "zarr3"
 
     def __init__(self, pyramid: Pyramid, chunks: Section, name: str, compression: str = "blosc",
-                 sharded: bool = False):
-        super().__init__(pyramid, chunks, name, compression)
+                 sharded: bool = False, labels: dict[str, tuple[Pyramid, Frame]] | None = None,
+                 frame: Frame | None = None):
+        super().__init__(pyramid, chunks, name, compression, labels, frame)
         self.sharded = sharded
         if sharded:
             self.view = "zarr3-sharded"
+
+    def sub(self, pyramid: Pyramid, name: str, frame: Frame) -> OmeZarrV3:
+        return OmeZarrV3(pyramid, self.chunks, name, self.compressor.name, self.sharded, frame=frame)
 
     def shard_shape(self, level: int) -> list[int]:
         lvl = self.pyramid.levels[level]
@@ -230,11 +296,31 @@ class OmeZarrV3(_ZarrView):
     def group_json(self) -> dict:
         """The root group, with zarr-python's inline consolidated metadata: zarr v3 has no listing,
         so without it group.keys() is empty and xarray.open_zarr finds no arrays."""
-        ome = {"version": "0.5", "multiscales": [multiscale(self.pyramid, self.name)],
-               "omero": omero(self.pyramid, self.name)}
-        levels = {str(level): self.zarr_json(level) for level in range(len(self.pyramid.levels))}
-        return {"zarr_format": 3, "node_type": "group", "attributes": {"ome": ome},
-                "consolidated_metadata": {"kind": "inline", "must_understand": False, "metadata": levels}}
+        return {**self._group(), "consolidated_metadata": {
+            "kind": "inline", "must_understand": False, "metadata": self.members()}}
+
+    def _group(self) -> dict:
+        ome: dict = {"version": "0.5", "multiscales": [multiscale(self.pyramid, self.name, self.frame)]}
+        if self.is_label:
+            ome["image-label"] = image_label(self.pyramid, self.frame is not None)
+        else:
+            ome["omero"] = omero(self.pyramid, self.name)
+        return {"zarr_format": 3, "node_type": "group", "attributes": {"ome": ome}}
+
+    def _labels_group(self) -> dict:
+        return {"zarr_format": 3, "node_type": "group", "attributes": {"ome": {"version": "0.5",
+                                                                              "labels": list(self.labels)}}}
+
+    def members(self) -> dict[str, dict]:
+        """Every node below the root by path, as consolidated metadata lists them."""
+        nodes = {str(level): self.zarr_json(level) for level in range(len(self.pyramid.levels))}
+        if self.labels:
+            nodes["labels"] = self._labels_group()
+            for name in self.labels:
+                view = self.label_view(name)
+                nodes[f"labels/{name}"] = view._group()
+                nodes.update({f"labels/{name}/{k}": v for k, v in view.members().items()})
+        return nodes
 
     def shard(self, level: int, t: int, c: int, index: tuple[int, int, int]) -> Shard:
         """Inner chunks in C order; those wholly past the level's edge are not stored."""
@@ -253,6 +339,11 @@ class OmeZarrV3(_ZarrView):
     def resource(self, key: str) -> Resource | Shard:
         if key == "zarr.json":
             return self._doc(key, self.group_json)
+        if key.startswith("labels/") and self.labels:
+            if key == "labels/zarr.json":
+                return self._doc(key, self._labels_group)
+            name, _, rest = key[len("labels/"):].partition("/")
+            return self.label_view(name).resource(rest)
         level, rest = self._level(key)
         if rest == "zarr.json":
             return self._doc(key, lambda: self.zarr_json(level))
