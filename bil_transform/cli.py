@@ -191,7 +191,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"""
 Demo data: {path}
 Open it with:
-  napari:      napari --plugin napari-ome-zarr {url}
+  napari:      napari --plugin napari-ome-zarr {base}/ds/demo/demo.ome.zarr
   Neuroglancer: paste precomputed://{base}/ds/demo/precomputed (or zarr://{url}),
                or follow "open in Neuroglancer" on the index page
   zarr-python: {zarr_line}

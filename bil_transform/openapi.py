@@ -9,11 +9,14 @@ UNAUTHORIZED = {"401": {**ERROR, "description": "The dataset is under embargo an
 ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
 VIEW = {"name": "view", "in": "path", "required": True, "description":
         "zarr, zarr3, zarr3-sharded or precomputed, precomputed-sharded, optionally followed by -COMPRESSOR "
-        "(zarr views) or -ENCODING (precomputed views)", "schema": {"type": "string"}}
-KEY = {"name": "key", "in": "path", "required": True, "description": "a store key: metadata document, chunk or shard",
+        "(zarr views) or -ENCODING (precomputed views); under /ds/{id}/ also a zarr view's alias ending in .zarr: "
+        "ID.ome.zarr (zarr) or ID.VIEW.ome.zarr (ID.zarr3.ome.zarr, ...)", "schema": {"type": "string"}}
+KEY = {"name": "key", "in": "path", "required": True, "description":
+       "a store key: metadata document, chunk or shard; a directory (empty or ending in /) answers an HTML "
+       "index of the names directly under it",
        "schema": {"type": "string"}}
-BYTES = {"200": {"description": "The bytes (byte ranges answer 206)",
-                 "content": {"application/octet-stream": {}, "application/json": {}}},
+BYTES = {"200": {"description": "The bytes (byte ranges answer 206), or a directory's HTML index",
+                 "content": {"application/octet-stream": {}, "application/json": {}, "text/html": {}}},
          "304": {"description": "Not modified (If-None-Match)"}, "400": ERROR, "404": ERROR, **UNAUTHORIZED}
 
 
@@ -72,8 +75,10 @@ def document() -> dict:
             "/ds/{id}": {"get": {"summary": "The landing page too", "parameters": [ID], "responses": {
                 "200": {"description": "HTML"}, "404": ERROR}}},
             **{f"/ds/{{id}}{selector}/{{view}}": {"get": {
-                "summary": "A view's root: the landing page for a browser (Accept: text/html), else 404",
-                "parameters": [ID, *extra, VIEW], "responses": {"200": {"description": "HTML"}, "404": ERROR}}}
+                "summary": "A view's root: the landing page for a browser loading a page, else a redirect to "
+                           "the root's listing (VIEW/)",
+                "parameters": [ID, *extra, VIEW], "responses": {"200": {"description": "HTML"},
+                                                                "307": {"description": "To VIEW/"}, "404": ERROR}}}
                for selector, extra in (("", []), ("/c/{c}", [channel]), ("/t/{t}", [time]),
                                        ("/t/{t}/c/{c}", [time, channel]))},
             "/ds/{id}/{view}/{key}": _view("", []),

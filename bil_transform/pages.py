@@ -8,6 +8,7 @@ import urllib.parse
 
 from . import records
 from .dataset import Dataset
+from .writers.listing import suffixed
 
 DEFAULT_VIEWER = "https://neuroglancer-demo.appspot.com/"
 CHANNEL_SHADER = """#uicontrol invlerp normalized
@@ -15,6 +16,7 @@ CHANNEL_SHADER = """#uicontrol invlerp normalized
 void main() {{ emitRGB(color * normalized()); }}
 """
 MAX_LAYERS = 8
+SUFFIXED = ("zarr", "zarr3", "zarr3-sharded")  # zarr views that links also give as ID[.VIEW].ome.zarr
 
 
 def links(ds: Dataset, base: str, viewer: str = DEFAULT_VIEWER, reveal: bool = True) -> dict:
@@ -28,6 +30,8 @@ def links(ds: Dataset, base: str, viewer: str = DEFAULT_VIEWER, reveal: bool = T
         return out
     out.update({view: f"{root}/{view}" for view in ("zarr", "zarr3", "zarr3-sharded", "precomputed",
                                                     "precomputed-sharded")})
+    # the same zarr views under names ending in .zarr, for readers that choose by suffix
+    out.update({f"{view}_suffixed": f"{root}/{suffixed(ds.spec.id, view)}" for view in SUFFIXED})
     if reveal:
         out["thumbnail"] = f"{root}/thumbnail.png"
     encodings = records.summary(ds, snap)["precomputed"]["encodings"]
@@ -57,6 +61,9 @@ def neuroglancer_state(ds: Dataset, base: str) -> dict:
                    "blend": "additive", "shader": CHANNEL_SHADER.format(color="#" + ch.color.lower()),
                    "shaderControls": {"normalized": {"range": list(pyramid.display_window(c))}}}
                   for c, ch in enumerate(vol.channels[:MAX_LAYERS])]
+    # attached labels, over the image: the OME-Zarr label groups place each on its image level
+    layers += [{"type": "segmentation", "source": f"zarr://{base}/ds/{ds.spec.id}/zarr/labels/{name}/", "name": name}
+               for name in ds.spec.labels]
     return {"layers": layers, "layout": "4panel"}
 
 
@@ -151,14 +158,18 @@ def landing_html(ds: Dataset, base: str, viewer: str, reveal: bool) -> str:
     def line(label: str, text: str) -> str:
         return f"<tr><th>{label}</th><td><code>{e(text)}</code> {COPY}</td></tr>"
 
-    ways = [line("napari", f"napari --plugin napari-ome-zarr {root}/zarr"),
+    # napari-ome-zarr claims only paths ending in .zarr: the bare /zarr view is "no compatible reader"
+    ways = [line("napari", f"napari --plugin napari-ome-zarr {root}/{ds.spec.id}.ome.zarr"),
             line("zarr-python", f"import zarr; level0 = zarr.open_group('{root}/zarr', mode='r')['0']"),
+            line("bioio", f"from bioio import BioImage; img = BioImage('{link['zarr_suffixed']}')  "
+                          "# pip install bioio bioio-ome-zarr"),
             line("Python client", f"from bil_transform.client import open_dataset; ds = open_dataset('{root}')"),
             line("Neuroglancer", f"precomputed://{root}/precomputed")]
     if "neuroglancer" in link:
         ways.append(f"<tr><th></th><td><a href='{e(link['neuroglancer'])}'>open in Neuroglancer</a></td></tr>")
     views = "".join(line(view, link[view]) for view in ("zarr", "zarr3", "zarr3-sharded", "precomputed",
                                                           "precomputed-sharded"))
+    views += "".join(line(f"{view}, named .zarr", link[f"{view}_suffixed"]) for view in SUFFIXED)
     return _page(ds.spec.id, (
         f"{head}{picture}<p>{_facts(ds)}</p><table>{meta}</table>"
         f"<h2>Open it</h2><table>{''.join(ways)}</table><h2>Views</h2><table>{views}</table>"

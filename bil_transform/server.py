@@ -330,9 +330,12 @@ async def dataset_view(request: web.Request) -> web.Response:
     if name is None:
         raise web.HTTPNotFound(text=f"No view {request.match_info['view']!r} of {ds.spec.id!r}")
     t, c = (_count(request.match_info[k]) if k in request.match_info else None for k in ("t", "c"))
+    attached = (request.app[DATASETS].get(n) for n in ds.spec.labels)  # served under the zarr views' labels/
+    labels = {other.spec.id: other.snapshot.pyramid for other in attached
+              if other is not None and other.snapshot.pyramid is not None}
     try:
         view = make_view(pyramid, name, request.app[CHUNKS], compression=ds.spec.compression,
-                         encoding=ds.spec.encoding, t=t, channel=c)
+                         encoding=ds.spec.encoding, t=t, channel=c, labels=labels)
     except KeyError as exc:
         raise web.HTTPNotFound(text=exc.args[0]) from None
     except ValueError as exc:

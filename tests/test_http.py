@@ -72,9 +72,11 @@ def test_etag_round_trip(server):
 
 @pytest.mark.parametrize("path", ["/ds/slices16/zarr/0/0/0/a/0/0", "/ds/slices16/zarr/0/0/0/-1/0/0",
                                   "/ds/slices16/zarr/0/x.0.0.0.0"])
-def test_malformed_chunk_keys_are_400_with_a_reason(server, path):
+def test_malformed_chunk_keys_are_404_with_a_reason(server, path):
+    """A zarr key that cannot exist is a missing one (issue 14, point 7): zarr clients and fsspec read
+    404 as 'no such key'; the sentence still says what a chunk key looks like."""
     r = requests.get(server.url(path))
-    assert r.status_code == 400
+    assert r.status_code == 404
     assert "chunk key" in r.text and r.headers["Access-Control-Allow-Origin"] == "*"
 
 

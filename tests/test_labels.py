@@ -4,8 +4,10 @@ views, placed on the image level whose shape they have."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+import urllib.parse
 
 import numpy as np
 import pytest
@@ -130,3 +132,15 @@ def test_labels_in_the_catalog_name_label_datasets(tmp_path, entry, says):
     run = subprocess.run([sys.executable, "-m", "bil_transform", "serve", "--config", str(catalog),
                           "--port", str(_free_port())], capture_output=True, text=True, timeout=60)
     assert run.returncode == 2 and says in run.stderr and "Traceback" not in run.stderr
+
+
+def test_the_viewer_state_adds_the_labels_over_the_image(labelled):
+    srv = labelled[0]
+    url = requests.get(srv.url("/api/datasets/brain")).json()["links"]["neuroglancer"]
+    state = json.loads(urllib.parse.unquote(url.split("#!", 1)[1]))
+    layers = state["layers"]
+    assert [layer["type"] for layer in layers] == ["image", "segmentation", "segmentation"]
+    for layer, name in zip(layers[1:], ("atlas", "cells")):
+        assert layer["name"] == name and layer["source"] == f"zarr://{srv.url(f'/ds/brain/zarr/labels/{name}/')}"
+        group = zarr.open_group(layer["source"].removeprefix("zarr://"), mode="r")  # it is there
+        assert "image-label" in dict(group.attrs)
