@@ -47,7 +47,8 @@ def _layer(layer, point) -> dict:
         "visible": bool(layer.visible),
         "blending": str(layer.blending),
         "colormap": None if colormap is None else colormap.name,
-        "colormap_colors": None if colormap is None else [[float(v) for v in c] for c in colormap.colors],
+        "colormap_colors": None if getattr(colormap, "colors", None) is None
+        else [[float(v) for v in c] for c in colormap.colors],
         "contrast_limits": [float(v) for v in layer.contrast_limits] if hasattr(layer, "contrast_limits") else None,
         "scale": [float(v) for v in layer.scale],
         "translate": [float(v) for v in layer.translate],

@@ -39,6 +39,7 @@ VIEWS = {"zarr": "zarr_suffixed", "zarr3": "zarr3_suffixed"}  # the view, and th
 NAPARI_COLORMAPS = {"FFFFFF": "gray", "FF0000": "red", "00FF00": "green", "0000FF": "blue",
                     "FF00FF": "magenta", "00FFFF": "cyan", "FFFF00": "yellow"}
 GREY, TWO = "napari-grey", "napari-two"
+LABELLED, REGIONS = "napari-labelled", "napari-regions"  # an image with a label dataset attached
 COLOURS = {TWO: ["FF00FF", "00FF00"]}  # magenta and green: the screenshot's red is channel 0, its green channel 1
 
 
@@ -63,10 +64,25 @@ def _write(root: Path) -> dict[str, np.ndarray]:
     tifffile.imwrite(root / "two.ome.tif", two, photometric="minisblack",
                      metadata={"axes": "CZYX", "Channel": {"Name": ["DAPI", "GFP"],
                                                            "Color": [rgba(c) for c in COLOURS[TWO]]}})
+    labelled = _blocks(7)
+    zarr.create_array(root / "labelled.zarr", shape=SHAPE, chunks=(8, 64, 64), dtype="uint16",
+                      zarr_format=2)[:] = labelled
+    zarr.create_array(root / "regions.zarr", shape=SHAPE, chunks=(8, 64, 64), dtype="uint8",
+                      zarr_format=2)[:] = _regions()
     vs = f"voxel_size = [{', '.join(map(str, VOXEL))}]"
-    (root / "catalog.toml").write_text(f'[[datasets]]\nid = "{GREY}"\npath = "grey.zarr"\n{vs}\n\n'
-                                       f'[[datasets]]\nid = "{TWO}"\npath = "two.ome.tif"\n{vs}\n')
-    return {GREY: grey[None], TWO: two}
+    (root / "catalog.toml").write_text(
+        f'[[datasets]]\nid = "{GREY}"\npath = "grey.zarr"\n{vs}\n\n'
+        f'[[datasets]]\nid = "{TWO}"\npath = "two.ome.tif"\n{vs}\n\n'
+        f'[[datasets]]\nid = "{LABELLED}"\npath = "labelled.zarr"\n{vs}\nlabels = ["{REGIONS}"]\n\n'
+        f'[[datasets]]\nid = "{REGIONS}"\npath = "regions.zarr"\nkind = "labels"\n')
+    return {GREY: grey[None], TWO: two, LABELLED: labelled[None]}
+
+
+def _regions() -> np.ndarray:
+    """Three labelled boxes on 0."""
+    regions = np.zeros(SHAPE, np.uint8)
+    regions[2:10, 20:100, 30:120], regions[6:14, 150:230, 100:200], regions[:, 200:, :40] = 1, 2, 3
+    return regions
 
 
 def _xvfb(tmp: Path):
@@ -122,7 +138,8 @@ def napari_run(tmp_path_factory):
                 report["served_shapes"] = [zarr.open_array(server.url(f"/ds/{ds}/{view}/{d['path']}"), mode="r").shape
                                            for d in report["attrs"]["multiscales"][0]["datasets"]]
                 shown[ds, view] = report
-        yield {"written": written, "api": api, "shown": shown, "stderr": run.stderr}
+        label_urls = {view: server.url(f"/ds/{LABELLED}/{view}/labels/{REGIONS}") for view in VIEWS}
+        yield {"written": written, "api": api, "shown": shown, "stderr": run.stderr, "label_urls": label_urls}
     finally:
         xvfb.kill()
         xvfb.wait(10)
@@ -180,9 +197,25 @@ def _check_image_layers(report: dict, api: dict, written: np.ndarray) -> None:
             assert napari_scale == pytest.approx(transform[:1] + transform[2:])  # the OME scale, c removed
 
 
-# The checks by layer type. A labels dataset (once the server serves labels as OME labels) adds
-# "labels": _check_labels_layer here and a labels source to _write.
 LAYER_CHECKS = {"image": _check_image_layers}
+
+
+@pytest.mark.parametrize("view", VIEWS)
+def test_an_image_opens_with_its_labels_layer(napari_run, view):
+    """Issue 14, points 1-2: the attached label dataset is a labels layer over the image, on its voxels."""
+    report = napari_run["shown"][LABELLED, view]
+    images = [layer for layer in report["layers"] if layer["type"] == "image"]
+    labels = [layer for layer in report["layers"] if layer["type"] == "labels"]
+    _check_image_layers({**report, "layers": images, "opened": [layer["name"] for layer in images]},
+                        napari_run["api"][LABELLED], napari_run["written"][LABELLED])
+    assert len(labels) == 1 and labels[0]["name"].rsplit("/", 1)[-1] == REGIONS
+    layer = labels[0]
+    assert layer["dtype"] == "uint8"  # (ome-zarr-py opens label layers hidden, for the user to switch on)
+    assert layer["level_shapes"][0][-3:] == list(SHAPE)  # the image's level 0 ...
+    assert layer["scale"][-3:] == pytest.approx(list(VOXEL))  # ... at the image's voxel size
+    assert layer["translate"][-3:] == pytest.approx(images[0]["translate"][-3:])
+    regions = zarr.open_array(napari_run["label_urls"][view] + "/0", mode="r")[...]
+    np.testing.assert_array_equal(np.asarray(regions).reshape(SHAPE), _regions())
 
 
 @pytest.mark.parametrize("ds,view", CASES, ids=IDS)
