@@ -144,3 +144,25 @@ def test_the_viewer_state_adds_the_labels_over_the_image(labelled):
         assert layer["name"] == name and layer["source"] == f"zarr://{srv.url(f'/ds/brain/zarr/labels/{name}/')}"
         group = zarr.open_group(layer["source"].removeprefix("zarr://"), mode="r")  # it is there
         assert "image-label" in dict(group.attrs)
+
+
+def test_neuroglancer_draws_the_labels_with_the_image(labelled):
+    """The index page's viewer state, opened in the real Neuroglancer (Chromium): the label groups
+    load as segmentation layers, every request answered as the contract says."""
+    import neuroglancer
+    from neuroglancer_browser import Browser, check_exchanges
+
+    srv = labelled[0]
+    url = requests.get(srv.url("/api/datasets/brain")).json()["links"]["neuroglancer"]
+    state = neuroglancer.ViewerState(json.loads(urllib.parse.unquote(url.split("#!", 1)[1])))
+    browser = Browser()
+    try:
+        screen = browser.show(state, watch=srv.base, scale=1.0)
+    finally:
+        browser.close()
+    keys = check_exchanges(screen, srv.url("/ds/brain"))
+    for name in ("atlas", "cells"):
+        fetched = [k for k in keys if k.startswith(f"zarr/labels/{name}/0/")]
+        assert fetched, f"no chunk of the {name} labels was fetched: {keys}"
+    assert [layer.type for layer in screen.state.layers] == ["image", "segmentation", "segmentation"]
+    assert screen.image[..., :3].std() > 5, "the rendered panel is blank"
