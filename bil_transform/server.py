@@ -330,12 +330,9 @@ async def dataset_view(request: web.Request) -> web.Response:
     if name is None:
         raise web.HTTPNotFound(text=f"No view {request.match_info['view']!r} of {ds.spec.id!r}")
     t, c = (_count(request.match_info[k]) if k in request.match_info else None for k in ("t", "c"))
-    attached = (request.app[DATASETS].get(n) for n in ds.spec.labels)  # served under the zarr views' labels/
-    labels = {other.spec.id: other.snapshot.pyramid for other in attached
-              if other is not None and other.snapshot.pyramid is not None}
     try:
         view = make_view(pyramid, name, request.app[CHUNKS], compression=ds.spec.compression,
-                         encoding=ds.spec.encoding, t=t, channel=c, labels=labels)
+                         encoding=ds.spec.encoding, t=t, channel=c, labels=_labels(request, ds))
     except KeyError as exc:
         raise web.HTTPNotFound(text=exc.args[0]) from None
     except ValueError as exc:
@@ -364,6 +361,18 @@ def _listing(request: web.Request, view, prefix: str) -> web.Response:
     response = _html(listing.page(f"{request.match_info['view']}/{prefix}", names, note))
     response.headers["Vary"] = "Accept, Sec-Fetch-Mode"  # the root answers a browser with the landing page
     return response
+
+
+def _labels(request: web.Request, image: Dataset) -> dict[str, Pyramid]:
+    """The label datasets attached to an image that are open now and that this request may read
+    (an embargoed label stays out of a public image's labels/ group)."""
+    found = {}
+    for name in image.spec.labels:
+        label = request.app[DATASETS].get(name)
+        pyramid = label.pyramid if label is not None else None
+        if pyramid is not None and _may_read(request, label):
+            found[name] = pyramid
+    return found
 
 
 async def dataset_region(request: web.Request) -> web.StreamResponse:

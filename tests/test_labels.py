@@ -166,3 +166,30 @@ def test_neuroglancer_draws_the_labels_with_the_image(labelled):
         assert fetched, f"no chunk of the {name} labels was fetched: {keys}"
     assert [layer.type for layer in screen.state.layers] == ["image", "segmentation", "segmentation"]
     assert screen.image[..., :3].std() > 5, "the rendered panel is blank"
+
+
+def test_an_embargoed_label_stays_out_of_a_public_image(tmp_path):
+    """The image's labels/ group carries the label's voxels: it lists an embargoed label only to a
+    request whose token opens that label."""
+    tifffile.imwrite(tmp_path / "image.tif", np.ones((4, 64, 64), np.uint16), photometric="minisblack")
+    secret = np.full((4, 64, 64), 5, np.uint8)
+    _write_label_zarr(tmp_path / "secret.zarr", secret, None)
+    catalog = tmp_path / "catalog.toml"
+    catalog.write_text(f'[[datasets]]\nid = "img"\npath = "{tmp_path / "image.tif"}"\nlabels = ["secret"]\n\n'
+                       f'[[datasets]]\nid = "secret"\npath = "{tmp_path / "secret.zarr"}"\nkind = "labels"\n'
+                       'embargo = true\n')
+    tokens = tmp_path / "tokens.toml"
+    tokens.write_text('[[tokens]]\ntoken = "opens-the-labels"\ndatasets = ["secret"]\n')
+    srv = Server(catalog, ["--tokens", str(tokens)])
+    try:
+        for view, meta in (("zarr", ".zattrs"), ("zarr3", "zarr.json")):
+            public = f"/ds/img/{view}/labels/secret/0/{meta.replace('.zattrs', '.zarray')}"
+            assert requests.get(srv.url(f"/ds/img/{view}/labels/{meta}")).status_code == 404
+            assert requests.get(srv.url(public)).status_code == 404
+            assert "labels" not in json.dumps(requests.get(srv.url(f"/ds/img/{view}/{meta}")).json())
+            opened = requests.get(srv.url(public), headers={"Authorization": "Bearer opens-the-labels"})
+            assert opened.status_code == 200
+        group = zarr.open_group(srv.url("/token/opens-the-labels/ds/img/zarr"), mode="r")
+        np.testing.assert_array_equal(group["labels"]["secret"]["0"][0, 0], secret)
+    finally:
+        srv.stop()
