@@ -178,6 +178,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import DEMO_SHAPE, make_demo
+    from .writers.listing import suffixed
 
     print(f"Preparing the demo volume ({' x '.join(map(str, DEMO_SHAPE))} uint16 TIFF slices; first run only)...",
           file=sys.stderr)
@@ -191,7 +192,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"""
 Demo data: {path}
 Open it with:
-  napari:      napari --plugin napari-ome-zarr {base}/ds/demo/demo.ome.zarr
+  napari:      napari --plugin napari-ome-zarr {base}/ds/demo/{suffixed("demo", "zarr")}
   Neuroglancer: paste precomputed://{base}/ds/demo/precomputed (or zarr://{url}),
                or follow "open in Neuroglancer" on the index page
   zarr-python: {zarr_line}

@@ -159,7 +159,7 @@ def landing_html(ds: Dataset, base: str, viewer: str, reveal: bool) -> str:
         return f"<tr><th>{label}</th><td><code>{e(text)}</code> {COPY}</td></tr>"
 
     # napari-ome-zarr claims only paths ending in .zarr: the bare /zarr view is "no compatible reader"
-    ways = [line("napari", f"napari --plugin napari-ome-zarr {root}/{ds.spec.id}.ome.zarr"),
+    ways = [line("napari", f"napari --plugin napari-ome-zarr {link['zarr_suffixed']}"),
             line("zarr-python", f"import zarr; level0 = zarr.open_group('{root}/zarr', mode='r')['0']"),
             line("bioio", f"from bioio import BioImage; img = BioImage('{link['zarr_suffixed']}')  "
                           "# pip install bioio bioio-ome-zarr"),
