@@ -128,13 +128,6 @@ class Dataset:
             self._check = self._checks.submit(self._refresh)
             return self._check
 
-    def refresh(self) -> None:
-        """Check now and wait (for callers outside the server)."""
-        self._checked = -float("inf")
-        future = self.check()
-        if future is not None:
-            future.result()
-
     def _refresh(self) -> None:
         """Reopen the source if its files or listings changed, or it failed to open before. A failed
         reopen keeps the old snapshot only while its files are unchanged (the failure passed);

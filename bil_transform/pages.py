@@ -8,6 +8,7 @@ import urllib.parse
 
 from . import records
 from .dataset import Dataset
+from .writers import precomputed_encodings
 from .writers.listing import suffixed
 
 DEFAULT_VIEWER = "https://neuroglancer-demo.appspot.com/"
@@ -34,7 +35,7 @@ def links(ds: Dataset, base: str, viewer: str = DEFAULT_VIEWER, reveal: bool = T
     out.update({f"{view}_suffixed": f"{root}/{suffixed(ds.spec.id, view)}" for view in SUFFIXED})
     if reveal:
         out["thumbnail"] = f"{root}/thumbnail.png"
-    encodings = records.summary(ds, snap)["precomputed"]["encodings"]
+    encodings = precomputed_encodings(snap.pyramid)
     out.update({f"precomputed-{e}": f"{root}/precomputed-{e}" for e in encodings})
     t, c = snap.pyramid.volume.shape[:2]
     if c > 1:

@@ -534,13 +534,13 @@ async def observed(request: web.Request, handler: Callable) -> web.StreamRespons
         request.app[METRICS].observe(view, status, time.perf_counter() - start, sent)
 
 
-async def _expect(request: web.Request) -> None:
+async def _expect(request: web.Request) -> web.Response | None:
     """Requests here carry no body, so 'Expect: 100-continue' needs no interim answer; any other
-    expectation cannot be met (this runs before the middleware: the sentence is written here)."""
+    expectation cannot be met (this runs before the middleware, so it answers with _error itself)."""
     expectation = request.headers.get("Expect", "")
     if expectation.strip().lower() != "100-continue":
-        shown = expectation if len(expectation) <= 100 else expectation[:100] + "..."
-        raise web.HTTPExpectationFailed(text=f"Expect: {shown!r} cannot be met; send the request without it.\n")
+        return _error(417, f"Expect: {expectation!r} cannot be met; send the request without it")
+    return None
 
 
 def create_app(datasets: dict[str, Dataset], cache: Cache, workers: Workers,

@@ -246,6 +246,10 @@ def _check_stack(tf: tifffile.TiffFile, path: Path) -> None:
                           "where no page directory can be read")
 
 
+def _already_checked(tf: tifffile.TiffFile, path: Path) -> None:
+    """The file is what was opened and checked (its name, size and mtime are the reader's version)."""
+
+
 def _check_slice(tf: tifffile.TiffFile, path: Path) -> None:
     """A slice is its first page: only that page's strips or tiles must be there."""
     _check_data(path, [[tf.pages.first]], tf.filehandle.size)
@@ -306,7 +310,10 @@ class TiffFileReader:
     def _file(self) -> tifffile.TiffFile:
         tf = getattr(self._local, "tf", None)
         if tf is None:
-            tf = self._local.tf = _open(self.path, _check_stack)
+            # a thread's own handle: the pages were checked at open, and walking every IFD again
+            # is needed only if the file has changed since (a cut one must not read as fewer pages)
+            unchanged = version_token([self.path]) == self.volume.version
+            tf = self._local.tf = _open(self.path, _already_checked if unchanged else _check_stack)
             tf.pages.cache = True  # parse each page's IFD once per thread, not on every read
         return tf
 

@@ -45,23 +45,26 @@ def _physical(ms: dict, axes: str) -> list[tuple[tuple[float, ...] | None, tuple
     the level's own transforms, then the multiscale's, which NGFF applies after them."""
     units = {a.get("name"): a.get("unit") for a in ms.get("axes", []) if isinstance(a, dict)}
     um = [UM_PER_UNIT_NAME.get(units.get(a) or "micrometer", 1.0) for a in axes]
-    outer_scale = _transform(ms, "scale") or [1.0] * len(axes)
-    outer_shift = _transform(ms, "translation") or [0.0] * len(axes)
+
+    def vector(node: dict, kind: str) -> list[float] | None:  # one value per axis, or none at all
+        values = _transform(node, kind)
+        return values if values is not None and len(values) == len(axes) else None
+
+    def zyx(values: list[float], z: float) -> tuple[float, float, float]:
+        named = dict(zip(axes, values))
+        return named.get("z", z), named["y"], named["x"]
+
+    outer_scale = vector(ms, "scale") or [1.0] * len(axes)
+    outer_shift = vector(ms, "translation") or [0.0] * len(axes)
     out = []
     for d in ms["datasets"]:
-        scale, shift = _transform(d, "scale"), _transform(d, "translation")
-        fits = [v is not None and len(v) == len(axes) for v in (scale, shift, outer_scale, outer_shift)]
-        if not (fits[2] and fits[3]):
-            outer_scale, outer_shift = [1.0] * len(axes), [0.0] * len(axes)
-        zyx = {}
-        if fits[0]:
-            zyx["scale"] = {a: v * o * u for a, v, o, u in zip(axes, scale, outer_scale, um)}
-        if fits[1] or any(outer_shift):
-            own = shift if fits[1] else [0.0] * len(axes)
-            zyx["shift"] = {a: (v * o + t) * u for a, v, o, t, u in zip(axes, own, outer_scale, outer_shift, um)}
-        out.append(tuple(
-            (m.get("z", 1.0 if key == "scale" else 0.0), m["y"], m["x"]) if (m := zyx.get(key)) else None
-            for key in ("scale", "shift")))
+        scale, shift = vector(d, "scale"), vector(d, "translation")
+        if shift is None and any(outer_shift):
+            shift = [0.0] * len(axes)
+        out.append((
+            zyx([v * o * u for v, o, u in zip(scale, outer_scale, um)], 1.0) if scale else None,
+            zyx([(v * o + t) * u for v, o, t, u in zip(shift, outer_scale, outer_shift, um)], 0.0) if shift else None,
+        ))
     return out
 
 
