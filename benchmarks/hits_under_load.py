@@ -35,7 +35,6 @@ import contextlib
 import multiprocessing
 import os
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -45,13 +44,14 @@ from pathlib import Path
 
 import aiohttp
 import numpy as np
+import requests
 import tifffile
+from serve_throughput import free_port, start
 
 CHECKS_OFF = 1e9  # --recheck for "checks off": never due within a run
 # the costliest zarr codec to encode first: every cold chunk keeps a worker busy longest. Should the keys run
 # out, later passes take the next view (the blocks are then cached: only encoding is left, a lighter load)
 COLD_VIEWS = ["zarr-gzip", "zarr3-gzip", "zarr-zstd", "zarr3-zstd"]
-PORTS = range(18700, 18800)
 
 
 # ---------------------------------------------------------------------------------------------- the machine
@@ -103,32 +103,10 @@ def write_data(root: Path, big: tuple[int, int, int]) -> Path:
 
 # ------------------------------------------------------------------------------------------- the server
 
-def free_port() -> int:
-    for port in PORTS:
-        with socket.socket() as s, contextlib.suppress(OSError):
-            s.bind(("127.0.0.1", port))
-            return port
-    raise RuntimeError(f"no free port in {PORTS.start}-{PORTS.stop - 1}")
-
-
-@dataclass
-class Server:
-    proc: subprocess.Popen
-    base: str
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
-
-
-def start(tree: Path | None, catalog: Path, recheck: float, args: argparse.Namespace, log: Path) -> Server:
-    """A fresh server from `tree` (None: the installed package), ready on a loopback port."""
-    import requests  # only here: the cold-client processes never need it
-
+def start_server(stack: contextlib.ExitStack, tree: Path | None, catalog: Path, recheck: float,
+                 args: argparse.Namespace, log: Path) -> tuple[subprocess.Popen, str]:
+    """A fresh server from `tree` (None: the installed package) on a loopback port, stopped when
+    `stack` closes; its process and base URL."""
     port = free_port()
     env = dict(os.environ)
     if tree is not None:
@@ -136,23 +114,11 @@ def start(tree: Path | None, catalog: Path, recheck: float, args: argparse.Names
     cmd = [sys.executable, "-m", "bil_transform", "serve", "--config", str(catalog), "--host", "127.0.0.1",
            "--port", str(port), "--cache-size", args.cache_size, "--recheck", repr(recheck)]
     cmd += ["--workers", str(args.workers)] if args.workers else []
-    with log.open("wb") as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env, cwd="/")
-    server = Server(proc, f"http://127.0.0.1:{port}")
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and proc.poll() is None:
-        with contextlib.suppress(requests.ConnectionError):
-            if requests.get(f"{server.base}/healthz", timeout=2).status_code == 200:
-                return server
-        time.sleep(0.1)
-    server.stop()
-    raise RuntimeError(f"server from {tree or 'the installed package'} did not start:\n{log.read_text()[-2000:]}")
+    return start(stack, cmd, port, "/healthz", log, env), f"http://127.0.0.1:{port}"
 
 
 def cold_keys(base: str) -> list[str]:
     """Every chunk key of levels 0 and 1 of "big" (the dataset's own metadata)."""
-    import requests
-
     doc = requests.get(f"{base}/api/datasets/big", timeout=60).json()
     nt, nc = doc["shape"][:2]
     keys = []
@@ -268,31 +234,29 @@ async def hit_load(url: str, want: bytes, clients: int, interval: float, until: 
 def one_run(label: str, tree: Path | None, recheck: float, catalog: Path, args: argparse.Namespace,
             seed: int) -> Run:
     run = Run(label)
-    server = start(tree, catalog, recheck, args, args.data_dir / f"server-{label.replace(' ', '_')}.log")
-    try:
-        import requests
+    with contextlib.ExitStack() as stack:
+        proc, base = start_server(stack, tree, catalog, recheck, args,
+                                  args.data_dir / f"server-{label.replace(' ', '_')}.log")
 
-        hit_url = f"{server.base}/ds/small/zarr/0/0/0/0/0/0"
+        hit_url = f"{base}/ds/small/zarr/0/0/0/0/0/0"
         want = requests.get(hit_url, timeout=60).content  # warmed: every later request is a cache hit
         if requests.get(hit_url, timeout=60).content != want:
             raise AssertionError("the cached chunk is not stable")
-        keys = cold_keys(server.base)
+        keys = cold_keys(base)
         random.Random(seed).shuffle(keys)
         until = time.time() + 1.0 + args.duration  # the cold clients connect during the first second
         ctx = multiprocessing.get_context("spawn")
         out = ctx.Queue()
-        cold = ctx.Process(target=cold_load, args=(server.base, keys, args.clients, until, out), daemon=True)
+        cold = ctx.Process(target=cold_load, args=(base, keys, args.clients, until, out), daemon=True)
         cold.start()
         time.sleep(max(0.0, until - args.duration - time.time()))
         asyncio.run(hit_load(hit_url, want, args.hit_clients, args.hit_interval, until, run))
         run.load = machine()
         run.cold_done, run.cold_shed, run.cold_errors, run.cold_passes = out.get(timeout=120)
         cold.join(30)
-        if server.proc.poll() is not None:
+        if proc.poll() is not None:
             raise RuntimeError(f"{label}: the server died during the run")
-        run.rss = peak_rss(server.proc.pid)
-    finally:
-        server.stop()
+        run.rss = peak_rss(proc.pid)
     return run
 
 

@@ -75,10 +75,11 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait(10)
 
 
-def start(stack: contextlib.ExitStack, cmd: list[str], port: int, ready: str, log: Path) -> subprocess.Popen:
+def start(stack: contextlib.ExitStack, cmd: list[str], port: int, ready: str, log: Path,
+          env: dict[str, str] | None = None) -> subprocess.Popen:
     """Start `cmd` (stopped when `stack` closes) and wait until GET `ready` answers 200."""
     with log.open("wb") as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env)
     stack.callback(stop, proc)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and proc.poll() is None:
