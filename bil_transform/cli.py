@@ -19,6 +19,8 @@ from .access import Tokens, TokensError
 from .cache import Cache
 from .catalog import CatalogError, DatasetSpec, expanded_glob_warning, load_catalog, specs_from_paths
 from .dataset import Dataset
+from .export import add_arguments as add_export_arguments
+from .export import run as run_export
 from .logs import ACCESS, FORMATS, AccessLogger
 from .pages import DEFAULT_VIEWER
 from .readers import SourceError, open_source
@@ -251,16 +253,18 @@ def main(argv: list[str] | None = None) -> int:
     _add_server_args(demo)
     info = sub.add_parser("info", help="print what the reader sees in PATH")
     info.add_argument("path", metavar="PATH")
+    export = sub.add_parser("export", help="write a dataset's pyramid as files, computed on dask.distributed")
+    add_export_arguments(export)
     args = parser.parse_args(argv)
     logs.configure(getattr(args, "log_format", "text"))
     try:
-        code = {"serve": cmd_serve, "demo": cmd_demo, "info": cmd_info}[args.command](args)
+        code = {"serve": cmd_serve, "demo": cmd_demo, "info": cmd_info, "export": run_export}[args.command](args)
     except (CatalogError, TokensError, ServeError) as exc:
         print(f"bil-transform: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         code = 130
-    if args.command != "info":
+    if args.command in ("serve", "demo"):
         # Stop at once: the workers may be deep in a computation nobody waits for any more, and
         # Python would join them at exit (where a second Ctrl-C printed a traceback per thread).
         sys.stdout.flush()
