@@ -50,6 +50,12 @@ class DatasetSpec:
     labels: tuple[str, ...] = ()  # ids of kind = "labels" datasets served under this image's labels/ group
     metadata: dict[str, str] = field(default_factory=dict)
 
+    @property
+    def root(self) -> Path:
+        """The dataset's own root: its directory, or the one holding its file (or glob)."""
+        path = Path(self.path)
+        return path if path.is_dir() else path.parent
+
 
 CONSONANTS, VOWELS = "bcdfghjklmnprstvwz", "aeiou"
 

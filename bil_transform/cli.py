@@ -8,8 +8,11 @@ import importlib
 import importlib.metadata
 import os
 import re
+import shutil
 import socket
 import sys
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from aiohttp import web
@@ -53,19 +56,40 @@ def default_cache_size() -> int:
     return max(2**28, memory // 4)
 
 
+DISK_CACHE_SIZE = 64 * 2**30
+BACKLOG = 1024  # connections the kernel queues before the server accepts them (a viewer opens dozens)
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return int(text)
+
+
 def _add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     cache = default_cache_size()
     p.add_argument("--cache-size", type=parse_size, default=cache,
                    help="memory for everything the server keeps: encoded chunks, decoded blocks and source "
-                        f"segments (default: a quarter of this machine's memory, {cache / 2**30:.1f}GiB)")
+                        f"segments, shared out among --processes (default: a quarter of this machine's memory, "
+                        f"{cache / 2**30:.1f}GiB)")
+    p.add_argument("--processes", type=_positive, default=1, metavar="N",
+                   help="server processes on the one port (SO_REUSEPORT), each with its own Python and memory "
+                        "cache, sharing --disk-cache (default 1)")
+    p.add_argument("--disk-cache", metavar="DIR",
+                   help="keep encoded chunks on local disk too, across restarts and shared by --processes "
+                        "(memory, then disk, then compute); never inside a dataset's directory")
+    p.add_argument("--disk-cache-size", type=parse_size, default=None, metavar="SIZE",
+                   help=f"bound of --disk-cache (default: {DISK_CACHE_SIZE / 2**30:.0f}GiB, or half the free space "
+                        "there if less)")
     p.add_argument("--neuroglancer", default=DEFAULT_VIEWER, metavar="URL",
                    help=f"Neuroglancer used by 'open in Neuroglancer' links (default {DEFAULT_VIEWER})")
     p.add_argument("--recheck", type=float, default=2.0, metavar="SECONDS",
                    help="how often a requested dataset's files are checked for changes (default 2)")
-    p.add_argument("--workers", type=int, default=None,
-                   help="worker threads (default: one per core; more for high-latency storage)")
+    p.add_argument("--workers", type=_positive, default=None,
+                   help="worker threads per process (default: the cores shared out among --processes; more for "
+                        "high-latency storage)")
     p.add_argument("--max-region", type=parse_size, default=2**30, metavar="SIZE",
                    help="largest box /ds/ID/region returns (default 1GiB); larger ones answer 413")
     p.add_argument("--tokens", metavar="TOKENS.toml",
@@ -104,17 +128,47 @@ class ServeError(Exception):
     """The server cannot start; the message says why in one sentence."""
 
 
-def _listen(host: str, port: int) -> socket.socket:
-    """The listening socket, bound before anything is printed, so a port in use is one clear line."""
+def _listen(host: str, port: int, shared: bool = False, accept: bool = True) -> socket.socket:
+    """The listening socket, bound before anything is printed, so a port in use is one clear line.
+    `shared`: with SO_REUSEPORT, so the server's other processes can bind the port too; a socket
+    that does not `accept` only holds the port (the kernel hands connections to listening ones)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
-        sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET,
-                                    reuse_port=False)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if shared:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        if accept:
+            sock.listen(BACKLOG)
     except OSError as exc:
+        sock.close()
         why = "it is in use (another server? choose another --port)" if exc.errno == errno.EADDRINUSE \
             else exc.strerror or str(exc)
         raise ServeError(f"cannot listen on {host}:{port}: {why}") from None
     sock.setblocking(False)
     return sock
+
+
+def _disk_cache(args: argparse.Namespace, specs: list[DatasetSpec]) -> None:
+    """Check --disk-cache before anything starts: never inside a dataset (the server does not
+    write next to the data), and a directory it can create and write."""
+    if not args.disk_cache:
+        return
+    where = Path(args.disk_cache).expanduser().resolve()
+    for spec in specs:
+        root = spec.root.resolve()
+        if where == root or root in where.parents:
+            raise ServeError(f"--disk-cache {args.disk_cache} is inside dataset {spec.id!r} ({root}); "
+                             "choose a directory outside every dataset")
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=where).close()
+    except OSError as exc:
+        raise ServeError(f"--disk-cache {args.disk_cache} cannot be written: {exc.strerror or exc}") from None
+    args.disk_cache = str(where)
+    if args.disk_cache_size is None:
+        args.disk_cache_size = min(DISK_CACHE_SIZE, shutil.disk_usage(where).free // 2)
 
 
 def _reachable(host: str) -> str:
@@ -137,29 +191,77 @@ def _check_labels(datasets: dict[str, Dataset]) -> None:
                                  f"the image's levels ({shapes})")
 
 
-def run_server(specs: list[DatasetSpec], args: argparse.Namespace) -> None:
+def run_server(specs: list[DatasetSpec], args: argparse.Namespace) -> int:
+    no_huge_pages_for_numpy()
+    if args.tokens:
+        Tokens.load(args.tokens)  # a bad tokens file stops the start here, once
+    _disk_cache(args, specs)
+    base = (args.public_url or f"http://{_reachable(args.host)}:{args.port}").rstrip("/")
+    listening = f" (listening on {args.host}:{args.port})" if base != f"http://{args.host}:{args.port}" else ""
+
+    def started(opened: list[int]) -> None:
+        processes = f"{args.processes} processes; " if args.processes > 1 else ""
+        print(f"bil-transform serving {opened[0]} of {len(specs)} dataset(s) at {base}/{listening} "
+              f"({processes}Ctrl-C to stop)", flush=True)
+
+    if args.processes == 1:
+        serve(specs, args, _listen(args.host, args.port), 0, lambda opened: started([opened]))
+        return 0
+    from .processes import supervise
+
+    held = _listen(args.host, args.port, shared=True, accept=False)  # claims the port until the end
+    try:
+        return supervise(args.processes, serve_process, (specs, args), started)
+    finally:
+        held.close()
+
+
+def serve_process(specs: list[DatasetSpec], args: argparse.Namespace, index: int, reports) -> None:
+    """One of --processes: binds the shared port, opens the datasets, serves until stopped."""
+    from .processes import orphan_watch
+
+    orphan_watch(os.getppid())
+    logs.configure(args.log_format)
+    no_huge_pages_for_numpy()
+    try:
+        sock = _listen(args.host, args.port, shared=True)
+        serve(specs, args, sock, index, lambda opened: reports.put((index, opened)))
+    except ServeError as exc:
+        if index == 0:
+            print(f"bil-transform: {exc}", file=sys.stderr, flush=True)
+        os._exit(2)
+    except KeyboardInterrupt:
+        pass
+    os._exit(0)
+
+
+def serve(specs: list[DatasetSpec], args: argparse.Namespace, sock: socket.socket, index: int,
+          ready: Callable[[int], None]) -> None:
+    """Open the datasets and serve them on `sock`; process `index` 0 prints what opened, and
+    `ready` hears how many did before the first request is taken."""
+    from .cache.disk import DiskTier
     from .server import create_app
 
-    no_huge_pages_for_numpy()
+    share = args.processes
     tokens = Tokens.load(args.tokens) if args.tokens else Tokens()
-    sock = _listen(args.host, args.port)
-    cache, workers = Cache(args.cache_size), Workers(args.workers)
+    disk = DiskTier(args.disk_cache, args.disk_cache_size) if args.disk_cache else None
+    cache = Cache(args.cache_size // share, disk)
+    workers = Workers(args.workers or max(1, (os.cpu_count() or 1) // share))
     datasets = {s.id: Dataset(s, cache, recheck=args.recheck, workers=workers) for s in specs}
     _check_labels(datasets)
     base = (args.public_url or f"http://{_reachable(args.host)}:{args.port}").rstrip("/")
-    for ds in datasets.values():
-        if ds.error:
-            print(f"  {ds.spec.id}: UNAVAILABLE: {ds.error}", file=sys.stderr)
-        else:
-            root = f"{base}/ds/{ds.spec.id}"
-            print(f"  {ds.spec.id}: ok  {root}/zarr  {root}/zarr3  precomputed://{root}/precomputed")
+    if index == 0:
+        for ds in datasets.values():
+            if ds.error:
+                print(f"  {ds.spec.id}: UNAVAILABLE: {ds.error}", file=sys.stderr)
+            else:
+                root = f"{base}/ds/{ds.spec.id}"
+                print(f"  {ds.spec.id}: ok  {root}/zarr  {root}/zarr3  precomputed://{root}/precomputed")
     opened = sum(ds.error is None for ds in datasets.values())
-    if not opened:
+    if not opened and index == 0:
         print(f"bil-transform: WARNING: none of the {len(datasets)} dataset(s) could be opened (reasons above); "
               "each answers 503 until its files are fixed", file=sys.stderr)
-    listening = f" (listening on {args.host}:{args.port})" if base != f"http://{args.host}:{args.port}" else ""
-    print(f"bil-transform serving {opened} of {len(datasets)} dataset(s) at {base}/{listening} (Ctrl-C to stop)",
-          flush=True)
+    ready(opened)
     app = create_app(datasets, cache, workers, args.neuroglancer, tokens, args.max_region,
                      public_url=args.public_url, trust_forwarded=args.trust_forwarded)
     web.run_app(app, sock=sock, print=None, access_log=ACCESS, access_log_class=AccessLogger,
@@ -174,8 +276,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if warning := expanded_glob_warning(args.paths):
         print(f"bil-transform: WARNING: {warning}", file=sys.stderr)
     specs += specs_from_paths(args.paths)
-    run_server(specs, args)
-    return 0
+    return run_server(specs, args)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -200,8 +301,7 @@ Open it with:
   zarr-python: {zarr_line}
   browser:     {base}/
 """)
-    run_server([spec], args)
-    return 0
+    return run_server([spec], args)
 
 
 def _factors(factors) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import os
 import threading
@@ -20,6 +21,18 @@ from .workers import Workers
 from .writers import precomputed_encodings
 
 log = logging.getLogger("bil_transform")
+
+
+def _code_revision() -> str:
+    """A digest of this package's source: derived bytes may change with the code, and the disk
+    tier and HTTP caches keep them across restarts under keys that must change with it."""
+    h = hashlib.blake2b(digest_size=8)
+    for path in sorted(Path(__file__).parent.rglob("*.py")):
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+CODE_REVISION = _code_revision()
 
 
 @dataclass(frozen=True)
@@ -89,8 +102,9 @@ class Dataset:
                     dataclasses.replace(lvl, translation=None) for lvl in reader.volume.native_levels))
             reader.volume = dataclasses.replace(reader.volume, **overrides)
             method = spec.downsample or ("mode" if spec.kind == "labels" else "mean")
+            revision = hashlib.blake2b(f"{spec!r}{CODE_REVISION}".encode(), digest_size=8).hexdigest()
             pyramid = Pyramid(reader, self.cache.section("blocks"), spec.id, method=method, chunk=spec.chunk,
-                              workers=self.workers)
+                              workers=self.workers, revision=revision)
             encodings = precomputed_encodings(pyramid)
             if spec.encoding and spec.encoding not in encodings:
                 raise ValueError(f"the precomputed encoding {spec.encoding!r} cannot hold this {reader.volume.dtype} "
@@ -152,9 +166,7 @@ class Dataset:
 
     @property
     def root(self) -> Path:
-        """The dataset's own root: its directory, or the one holding its file (or glob)."""
-        path = Path(self.spec.path)
-        return path if path.is_dir() else path.parent
+        return self.spec.root
 
     def public(self, text: str) -> str:
         """`text` (a message) with this dataset's files named relative to its own root, as anonymous

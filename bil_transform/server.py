@@ -573,4 +573,19 @@ def create_app(datasets: dict[str, Dataset], cache: Cache, workers: Workers,
         workers.shutdown()
 
     app.on_cleanup.append(shutdown)
+    if app[METRICS].mirror is not None:
+        app.cleanup_ctx.append(_mirroring)
     return app
+
+
+async def _mirroring(app: web.Application):
+    """One of several processes: its live values reach every process's /metrics within a second."""
+
+    async def every_second() -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            app[METRICS].mirror.sync()
+
+    task = asyncio.create_task(every_second())
+    yield
+    task.cancel()

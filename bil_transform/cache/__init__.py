@@ -5,6 +5,9 @@ The server makes one `Cache` from `--cache-size` and hands a section to each lay
 something: encoded chunks (server and writers), decoded blocks (pyramid), decoded source
 segments (readers). One LRU over all of them means the budget goes wherever it is used most;
 each section counts its own hits, misses, evictions and bytes for /metrics.
+
+Under it may lie a `DiskTier` (disk.py), shared by the server's processes: the sections named in
+`persist` look there before computing, and keep what they compute there too.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from .disk import DiskTier, disk_key
+
 COUNTERS = ("hits", "misses", "evictions", "bytes", "entries")
 
 
@@ -27,8 +32,9 @@ def nbytes(value: Any) -> int:
 class Cache:
     """A byte-bounded LRU shared by named sections. Thread-safe."""
 
-    def __init__(self, max_bytes: int):
+    def __init__(self, max_bytes: int, disk: DiskTier | None = None, persist: tuple[str, ...] = ("chunks",)):
         self.max_bytes = max_bytes
+        self.disk, self.persist = disk, persist
         self._lru: OrderedDict[tuple[str, Hashable], tuple[Any, int]] = OrderedDict()
         self._lock = threading.Lock()
         self._inflight: dict[tuple[str, Hashable], Future] = {}
@@ -42,11 +48,13 @@ class Cache:
             return self._sections[name]
 
     def stats(self) -> dict[str, dict[str, int]]:
-        """Counters per section, and `all` summed over them (with the budget)."""
+        """Counters per section, and `all` summed over them (with the budget); the disk tier's
+        own under `disk`, where there is one."""
         with self._lock:
             per = {name: dict(s.counts) for name, s in self._sections.items()}
         total = {k: sum(s[k] for s in per.values()) for k in COUNTERS}
-        return {**per, "all": {**total, "max_bytes": self.max_bytes}}
+        disk = {"disk": self.disk.stats()} if self.disk is not None else {}
+        return {**per, "all": {**total, "max_bytes": self.max_bytes}, **disk}
 
     def _store(self, section: Section, key: Hashable, value: Any) -> None:
         """Insert under the lock, evicting the least recently used entries of any section."""
@@ -109,7 +117,7 @@ class Section:
         if not owner:
             return future.result()
         try:
-            value = compute()
+            value = self._stored_or_compute(key, compute) if keep else compute()
         except BaseException as exc:
             with cache._lock:
                 del cache._inflight[full]
@@ -120,6 +128,27 @@ class Section:
                 cache._store(self, key, value)
             del cache._inflight[full]
         future.set_result(value)
+        return value
+
+    def _stored_or_compute(self, key: Hashable, compute: Callable[[], Any]) -> Any:
+        """The value from the disk tier, else computed (once across processes) and stored there."""
+        disk = self.cache.disk
+        name = disk_key(self.name, key) if disk is not None and self.name in self.cache.persist else None
+        if name is None:
+            return compute()
+        value = disk.get(name)
+        if value is not None:
+            return value
+        claimed = disk.claim(name)
+        if not claimed and (value := disk.wait(name)) is not None:
+            return value
+        try:
+            value = compute()
+            if isinstance(value, bytes):
+                disk.put(name, value)
+        finally:
+            if claimed:
+                disk.release(name)
         return value
 
     def stats(self) -> dict[str, int]:

@@ -73,13 +73,15 @@ def plan_levels(reader: Reader, chunk: tuple[int, int, int]) -> list[Level]:
 
 class Pyramid:
     def __init__(self, reader: Reader, blocks: Section, key: str, method: str = "mean",
-                 chunk: tuple[int, int, int] = DEFAULT_CHUNK, workers: Workers | None = None):
+                 chunk: tuple[int, int, int] = DEFAULT_CHUNK, workers: Workers | None = None, revision: str = ""):
         if method not in METHODS:
             raise ValueError(f"unknown downsampling method {method!r}; choose one of {', '.join(METHODS)}")
         self.reader, self.blocks, self.method = reader, blocks, method
         self.workers = workers or Workers(1)
         self.volume = reader.volume
-        self.key = (key, self.volume.version, method, chunk)
+        # Everything the bytes derive from: the files' version, and `revision` for the rest (the
+        # catalog entry and the code), so keys and ETags stay true across restarts and upgrades.
+        self.key = (key, self.volume.version, method, chunk, revision)
         self.levels = plan_levels(reader, chunk)
         self._spans = {i: self._slab_spans(i) for i, lvl in enumerate(self.levels) if lvl.native is not None}
         self._windows: dict[int, tuple[float, float]] = {}
