@@ -209,6 +209,8 @@ def run_server(specs: list[DatasetSpec], args: argparse.Namespace) -> int:
         return 0
     from .processes import supervise
 
+    # A plain bind first: a port shared with SO_REUSEPORT would also let another server's processes in.
+    _listen(args.host, args.port, accept=False).close()
     held = _listen(args.host, args.port, shared=True, accept=False)  # claims the port until the end
     try:
         return supervise(args.processes, serve_process, (specs, args), started)

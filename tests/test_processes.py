@@ -1,0 +1,230 @@
+"""Several server processes on one port (--processes) sharing a disk tier (--disk-cache), read
+through the real server: a chunk computed in one process is served from disk by the other and
+after a restart, a rewritten source or catalog entry is never served stale, and a process that
+dies is replaced. /metrics adds up every process (prometheus-client's multiprocess mode)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import tifffile
+import zarr
+from conftest import Server, _free_port
+from prometheus_client.parser import text_string_to_metric_families
+
+SHAPE = (40, 300, 260)  # z, y, x: three levels of 64^3 chunks
+
+
+def write_stack(root: Path, seed: int) -> np.ndarray:
+    """uint16 slices written by tifffile; the voxels the test expects, independently of the server."""
+    data = np.random.default_rng(seed).integers(0, 60000, SHAPE, dtype=np.uint16)
+    root.mkdir(exist_ok=True)
+    for z, plane in enumerate(data):
+        tifffile.imwrite(root / f"s_{z:03}.tif", plane)
+    return data
+
+
+def write_catalog(path: Path, stack: Path, voxel_z: float = 2.0) -> Path:
+    path.write_text(f'[[datasets]]\nid = "stack"\npath = "{stack}"\nvoxel_size = [{voxel_z}, 0.5, 0.5]\n'
+                    'compression = "none"\n')
+    return path
+
+
+class Fleet(Server):
+    """The real server with --processes 2 and a disk tier, started once every process serves."""
+
+    def __init__(self, catalog: Path, disk: Path, processes: int = 2):
+        super().__init__(catalog, ["--processes", str(processes), "--disk-cache", str(disk), "--recheck", "0.2"])
+        deadline = time.monotonic() + 60
+        while "serving" not in self.log.read_text():
+            assert time.monotonic() < deadline, self.log.read_text()
+            time.sleep(0.1)
+
+    def children(self) -> list[int]:
+        """The server processes (multiprocessing's resource tracker is a child too)."""
+        kids = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
+        return [int(p) for p in kids if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
+
+    def chunk(self, key: str) -> bytes:
+        """A chunk on a connection of its own, so the kernel may hand it to either process."""
+        with requests.Session() as s:
+            r = s.get(self.url(f"/ds/stack/zarr/{key}"), timeout=60)
+        assert r.status_code == 200, r.text
+        return r.content
+
+    def metrics(self) -> dict[str, float]:
+        text = requests.get(self.url("/metrics"), timeout=30).text
+        found = {}
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                found[s.name + "".join(f",{k}={v}" for k, v in sorted(s.labels.items()))] = s.value
+        return found
+
+    def settled(self, name: str, at_least: float) -> dict[str, float]:
+        """/metrics once `name` reached `at_least`: each process publishes its live values every second."""
+        deadline = time.monotonic() + 20
+        while (m := self.metrics()).get(name, 0) < at_least:
+            assert time.monotonic() < deadline, f"{name} stayed {m.get(name, 0)} < {at_least}"
+            time.sleep(0.2)
+        time.sleep(1.2)  # one more round, so every process has published
+        return self.metrics()
+
+
+def blocks_computed(m: dict[str, float]) -> float:
+    return sum(v for k, v in m.items() if k.startswith("bil_transform_blocks_computed_total"))
+
+
+def level0_chunk(data: np.ndarray, z: int, y: int, x: int) -> bytes:
+    """The uncompressed zarr v2 chunk at grid (z, y, x): 64^3, or the whole extent where a level is
+    smaller (z here), edges filled with 0."""
+    shape = tuple(min(64, n) for n in data.shape)
+    out = np.zeros(shape, np.uint16)
+    part = data[z * shape[0]:(z + 1) * shape[0], y * 64:(y + 1) * 64, x * 64:(x + 1) * 64]
+    out[:part.shape[0], :part.shape[1], :part.shape[2]] = part
+    return out.tobytes()
+
+
+@pytest.fixture
+def stack(tmp_path):
+    data = write_stack(tmp_path / "slices", seed=1)
+    return data, write_catalog(tmp_path / "catalog.toml", tmp_path / "slices"), tmp_path / "disk"
+
+
+def test_a_chunk_computed_in_one_process_is_served_from_disk_by_the_other_and_after_a_restart(stack):
+    data, catalog, disk = stack
+    fleet = Fleet(catalog, disk)
+    try:
+        assert len(fleet.children()) == 2
+        first = fleet.chunk("0/0/0/0/1/2")
+        assert first == level0_chunk(data, 0, 1, 2)
+        computed = blocks_computed(fleet.settled("bil_transform_disk_cache_writes_total", 1))
+        for _ in range(60):  # fresh connections until one lands on the process that did not compute it
+            assert fleet.chunk("0/0/0/0/1/2") == first
+            if fleet.metrics().get("bil_transform_disk_cache_hits_total", 0) >= 1:
+                break
+        m = fleet.settled("bil_transform_disk_cache_hits_total", 1)
+        assert blocks_computed(m) == computed  # served from disk, not computed again
+        assert m["bil_transform_cache_misses_total,cache=chunks"] >= 2  # two processes' memories missed it
+    finally:
+        fleet.stop()
+    assert not fleet.alive()
+
+    fleet = Fleet(catalog, disk)  # a restart: nothing in memory, everything on disk
+    try:
+        assert fleet.chunk("0/0/0/0/1/2") == first
+        m = fleet.settled("bil_transform_disk_cache_hits_total", 1)
+        assert blocks_computed(m) == 0
+        assert m["bil_transform_disk_cache_misses_total"] == 0
+        level0 = zarr.open_group(fleet.url("/ds/stack/zarr"), mode="r")["0"][0, 0]
+        np.testing.assert_array_equal(level0, data)
+    finally:
+        fleet.stop()
+
+
+def test_a_rewritten_source_or_catalog_entry_is_never_served_stale_from_disk(stack, tmp_path):
+    data, catalog, disk = stack
+    fleet = Fleet(catalog, disk)
+    try:
+        assert fleet.chunk("0/0/0/0/0/0") == level0_chunk(data, 0, 0, 0)
+        assert requests.get(fleet.url("/ds/stack/zarr/.zattrs")).json()["multiscales"][0]["datasets"][0][
+            "coordinateTransformations"][0]["scale"][2] == 2.0
+        fleet.settled("bil_transform_disk_cache_writes_total", 2)
+        newer = write_stack(tmp_path / "slices", seed=2)  # rewritten while it serves
+        deadline = time.monotonic() + 20
+        while fleet.chunk("0/0/0/0/0/0") != level0_chunk(newer, 0, 0, 0):
+            assert time.monotonic() < deadline, "the rewritten source was still served stale"
+            time.sleep(0.3)
+        for _ in range(10):  # whichever process answers
+            assert fleet.chunk("0/0/0/0/0/0") == level0_chunk(newer, 0, 0, 0)
+    finally:
+        fleet.stop()
+
+    newest = write_stack(tmp_path / "slices", seed=3)  # rewritten while it is down
+    write_catalog(catalog, tmp_path / "slices", voxel_z=3.0)  # and the catalog edited
+    fleet = Fleet(catalog, disk)
+    try:
+        for _ in range(6):
+            assert fleet.chunk("0/0/0/0/0/0") == level0_chunk(newest, 0, 0, 0)
+        attrs = requests.get(fleet.url("/ds/stack/zarr/.zattrs")).json()
+        assert attrs["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"][2] == 3.0
+    finally:
+        fleet.stop()
+
+
+def test_concurrent_misses_in_two_processes_compute_once(stack):
+    data, catalog, disk = stack
+    fleet = Fleet(catalog, disk)
+    try:
+        waited = 0.0
+        level1 = data.reshape(40, 150, 2, 130, 2).mean((2, 4))  # z is coarse already: level 1 halves y and x
+        for x in range(3):
+            before = fleet.metrics().get("bil_transform_blocks_computed_total,level=1", 0)
+            with ThreadPoolExecutor(8) as pool:
+                bodies = list(pool.map(fleet.chunk, [f"1/0/0/0/0/{x}"] * 8))
+            assert len(set(bodies)) == 1
+            m = fleet.settled("bil_transform_disk_cache_writes_total", x + 1)
+            assert m["bil_transform_blocks_computed_total,level=1"] - before == 1
+            got = np.frombuffer(bodies[0], np.uint16).reshape(40, 64, 64)[:, :, :min(64, 130 - 64 * x)]
+            assert np.abs(got - level1[:, :64, 64 * x:64 * x + 64]).max() <= 0.5
+            waited = m["bil_transform_disk_cache_waits_total"]
+            if waited:
+                break
+        assert waited >= 1  # some request waited for the other process instead of computing the chunk
+    finally:
+        fleet.stop()
+
+
+def test_a_process_that_dies_is_replaced_and_the_port_keeps_answering(stack):
+    data, catalog, disk = stack
+    fleet = Fleet(catalog, disk)
+    try:
+        victim = fleet.children()[0]
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while victim in fleet.children():  # connections queued on its socket when it died are lost with it
+            assert time.monotonic() < deadline, fleet.log.read_text()
+            time.sleep(0.05)
+        for _ in range(20):  # the other process answers alone until the new one listens, then both do
+            assert fleet.chunk("0/0/0/0/0/1") == level0_chunk(data, 0, 0, 1)
+        while len(fleet.children()) < 2:
+            assert time.monotonic() < deadline, fleet.log.read_text()
+            time.sleep(0.2)
+        assert "exited with code -9; starting another" in fleet.log.read_text()
+    finally:
+        fleet.stop()
+    assert not fleet.alive()
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bil_transform", *args], capture_output=True, text=True, timeout=60)
+
+
+def test_a_disk_cache_inside_a_dataset_is_refused(stack, tmp_path):
+    _, catalog, _ = stack
+    run = _cli("serve", "--config", str(catalog), "--port", str(_free_port()), "--disk-cache",
+               str(tmp_path / "slices" / "cache"))
+    assert run.returncode == 2
+    assert run.stderr.strip().startswith("bil-transform: --disk-cache ") and "inside dataset 'stack'" in run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "slices" / "cache").exists()
+
+
+def test_a_port_in_use_stops_every_process_with_one_line(stack):
+    _, catalog, disk = stack
+    fleet = Fleet(catalog, disk)
+    try:
+        run = _cli("serve", "--config", str(catalog), "--port", str(fleet.port), "--processes", "2")
+        assert run.returncode == 2
+        assert run.stderr.strip() == (f"bil-transform: cannot listen on 127.0.0.1:{fleet.port}: it is in use "
+                                      "(another server? choose another --port)")
+    finally:
+        fleet.stop()
