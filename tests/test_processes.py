@@ -228,3 +228,27 @@ def test_a_port_in_use_stops_every_process_with_one_line(stack):
                                       "(another server? choose another --port)")
     finally:
         fleet.stop()
+
+
+def test_a_torn_disk_entry_is_a_miss_and_never_served(stack):
+    """diskcache never fsyncs its value files: after a power cut an entry may point at a cut file."""
+    data, catalog, disk = stack
+    fleet = Fleet(catalog, disk)
+    try:
+        assert fleet.chunk("0/0/0/0/2/0") == level0_chunk(data, 0, 2, 0)
+        fleet.settled("bil_transform_disk_cache_writes_total", 1)
+    finally:
+        fleet.stop()
+    values = list(disk.rglob("*.val"))
+    assert values  # the chunk (and the documents' gzip bodies, if any) live in files of their own
+    for path in values:
+        with path.open("r+b") as f:
+            f.truncate(path.stat().st_size // 2)
+    fleet = Fleet(catalog, disk)
+    try:
+        for _ in range(4):
+            assert fleet.chunk("0/0/0/0/2/0") == level0_chunk(data, 0, 2, 0)
+        m = fleet.settled("bil_transform_disk_cache_damaged_total", 1)
+        assert m["bil_transform_blocks_computed_total,level=0"] >= 1  # computed again, not read torn
+    finally:
+        fleet.stop()
