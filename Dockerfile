@@ -22,13 +22,14 @@ RUN pip install --no-cache-dir . \
 
 # A fixed numeric uid, so `USER` needs no passwd lookup and host volumes can be chowned to it.
 RUN useradd --uid 10001 --user-group --create-home --home-dir /home/bil --shell /usr/sbin/nologin bil \
-    && mkdir /data \
-    && chown bil:bil /data
+    && mkdir /data /cache \
+    && chown bil:bil /data /cache
 USER 10001:10001
 
-# The demo's generated volume (about 0.5 GB, made on first start) lives here; a named volume
-# keeps it across containers. `serve` ignores it: mount your archive read-only instead.
-VOLUME ["/data"]
+# /data: the demo's generated volume (about 0.5 GB, made on first start); a named volume keeps it
+# across containers. `serve` ignores it: mount your archive read-only instead. /cache: for
+# `--disk-cache /cache`, the chunks kept across restarts (a named volume owned by bil).
+VOLUME ["/data", "/cache"]
 EXPOSE 8000
 
 # The first demo start generates the data before listening, hence the long start period.

@@ -58,6 +58,9 @@ PROGRESS_EVERY = 10  # seconds between log lines about one long computation
 MAX_PAGE = 1000  # datasets in one page of /api/datasets
 INDEX_PAGE = 50  # datasets on one page of the HTML index
 CACHE_CONTROL = "public, max-age=3600"  # derived bytes change only with the source, and then so do their ETags
+# An answer that an embargo had a say in: a browser may keep it, a shared cache (nginx, a CDN) must
+# not, or it would hand it to the next client, token or not.
+PRIVATE = "private, max-age=3600"
 
 
 LONG_WORD = re.compile(r"\S{200,}")
@@ -169,6 +172,8 @@ async def _voxels(request: web.Request) -> tuple[Dataset, Pyramid]:
     with Retry-After, never 404: a zarr client reads a 404 chunk as zeros."""
     ds = _dataset(request)
     access.check(ds.spec.id, ds.spec.embargo, _token(request), request.app[TOKENS])
+    if ds.spec.embargo:
+        request["private"] = True
     pending = ds.check()
     if pending is not None:  # shielded: a client that leaves must not cancel a check others rely on
         await asyncio.shield(asyncio.wrap_future(pending))
@@ -246,7 +251,8 @@ async def _serve(request: web.Request, body: Body) -> web.StreamResponse:
     whole-body GET of a compressible body is gzip-encoded (and kept so) when the client accepts
     it; ranges and HEAD always describe the identity body."""
     tag = hashlib.blake2b(repr(body.key).encode(), digest_size=12).hexdigest()
-    headers = {"Cache-Control": CACHE_CONTROL, "Accept-Ranges": "bytes", **body.headers}
+    headers = {"Cache-Control": PRIVATE if request.get("private") else CACHE_CONTROL, "Accept-Ranges": "bytes",
+               **body.headers}
     asked = _range_asked(request, f'"{tag}"')
     gzipped = (body.compressible and asked is None and request.method == "GET"
                and "gzip" in request.headers.get("Accept-Encoding", ""))
@@ -370,6 +376,8 @@ def _labels(request: web.Request, image: Dataset) -> dict[str, Pyramid]:
     for name in image.spec.labels:
         label = request.app[DATASETS].get(name)
         pyramid = label.pyramid if label is not None else None
+        if label is not None and label.spec.embargo:
+            request["private"] = True  # the group lists it for some tokens only
         if pyramid is not None and _may_read(request, label):
             found[name] = pyramid
     return found

@@ -165,7 +165,7 @@ class Server:
             try:
                 if requests.get(self.base + "/healthz", timeout=1).ok:
                     return
-            except requests.ConnectionError:
+            except requests.RequestException:  # not listening yet, or too busy starting to answer within 1 s
                 time.sleep(0.1)
         raise RuntimeError("server did not start within 60 s")
 

@@ -87,6 +87,17 @@ def test_every_voxel_route_needs_a_token_that_opens_the_dataset(server, embargoe
                 assert by_header.content == by_path.content == public.content, path
 
 
+def test_embargoed_answers_are_private_so_no_shared_cache_keeps_them(server, embargoed):
+    """A proxy cache or CDN honours Cache-Control: had it stored a chunk read with a token as
+    `public`, it would hand it to the next client without one."""
+    for key in ("zarr/0/0/0/0/0/0", "zarr/.zattrs", "precomputed/info", "thumbnail.png", "manifest.json"):
+        path = f"/ds/slices16/{key}"
+        opened = requests.get(embargoed.url(path), headers={"Authorization": f"Bearer {EVERYTHING}"})
+        assert opened.status_code == 200 and opened.headers["Cache-Control"] == "private, max-age=3600", path
+        public = requests.get(server.url(path))
+        assert public.status_code == 200 and public.headers["Cache-Control"] == "public, max-age=3600", path
+
+
 def test_no_304_or_head_without_the_token(server, embargoed):
     path = "/ds/slices16/zarr/0/0/0/0/0/0"
     tag = requests.get(embargoed.url(path), headers={"Authorization": f"Bearer {EVERYTHING}"}).headers["ETag"]

@@ -186,7 +186,9 @@ def test_an_embargoed_label_stays_out_of_a_public_image(tmp_path):
             public = f"/ds/img/{view}/labels/secret/0/{meta.replace('.zattrs', '.zarray')}"
             assert requests.get(srv.url(f"/ds/img/{view}/labels/{meta}")).status_code == 404
             assert requests.get(srv.url(public)).status_code == 404
-            assert "labels" not in json.dumps(requests.get(srv.url(f"/ds/img/{view}/{meta}")).json())
+            root = requests.get(srv.url(f"/ds/img/{view}/{meta}"))
+            assert "labels" not in json.dumps(root.json())
+            assert root.headers["Cache-Control"].startswith("private")  # it differs by token: no shared cache
             opened = requests.get(srv.url(public), headers={"Authorization": "Bearer opens-the-labels"})
             assert opened.status_code == 200
         group = zarr.open_group(srv.url("/token/opens-the-labels/ds/img/zarr"), mode="r")
