@@ -171,6 +171,11 @@ def _disk_cache(args: argparse.Namespace, specs: list[DatasetSpec]) -> None:
         args.disk_cache_size = min(DISK_CACHE_SIZE, shutil.disk_usage(where).free // 2)
 
 
+def _base(args: argparse.Namespace) -> str:
+    """The URL the start-up lines give: the public one, or one that reaches this machine."""
+    return (args.public_url or f"http://{_reachable(args.host)}:{args.port}").rstrip("/")
+
+
 def _reachable(host: str) -> str:
     """The host part of a URL that reaches a server listening on `host` (all interfaces: this machine)."""
     return "127.0.0.1" if host in ("0.0.0.0", "::", "") else f"[{host}]" if ":" in host else host
@@ -193,10 +198,9 @@ def _check_labels(datasets: dict[str, Dataset]) -> None:
 
 def run_server(specs: list[DatasetSpec], args: argparse.Namespace) -> int:
     no_huge_pages_for_numpy()
-    if args.tokens:
-        Tokens.load(args.tokens)  # a bad tokens file stops the start here, once
+    tokens = Tokens.load(args.tokens) if args.tokens else Tokens()
     _disk_cache(args, specs)
-    base = (args.public_url or f"http://{_reachable(args.host)}:{args.port}").rstrip("/")
+    base = _base(args)
     listening = f" (listening on {args.host}:{args.port})" if base != f"http://{args.host}:{args.port}" else ""
 
     def started(opened: list[int]) -> None:
@@ -205,7 +209,7 @@ def run_server(specs: list[DatasetSpec], args: argparse.Namespace) -> int:
               f"({processes}Ctrl-C to stop)", flush=True)
 
     if args.processes == 1:
-        serve(specs, args, _listen(args.host, args.port), 0, lambda opened: started([opened]))
+        serve(specs, args, tokens, _listen(args.host, args.port), 0, lambda opened: started([opened]))
         return 0
     from .processes import supervise
 
@@ -213,12 +217,13 @@ def run_server(specs: list[DatasetSpec], args: argparse.Namespace) -> int:
     _listen(args.host, args.port, accept=False).close()
     held = _listen(args.host, args.port, shared=True, accept=False)  # claims the port until the end
     try:
-        return supervise(args.processes, serve_process, (specs, args), started)
+        return supervise(args.processes, serve_process, (specs, args, tokens), started)
     finally:
         held.close()
 
 
-def serve_process(specs: list[DatasetSpec], args: argparse.Namespace, index: int, reports) -> None:
+def serve_process(specs: list[DatasetSpec], args: argparse.Namespace, tokens: Tokens, index: int,
+                  reports) -> None:
     """One of --processes: binds the shared port, opens the datasets, serves until stopped."""
     from .processes import orphan_watch
 
@@ -227,7 +232,7 @@ def serve_process(specs: list[DatasetSpec], args: argparse.Namespace, index: int
     no_huge_pages_for_numpy()
     try:
         sock = _listen(args.host, args.port, shared=True)
-        serve(specs, args, sock, index, lambda opened: reports.put((index, opened)))
+        serve(specs, args, tokens, sock, index, lambda opened: reports.put((index, opened)))
     except ServeError as exc:
         if index == 0:
             print(f"bil-transform: {exc}", file=sys.stderr, flush=True)
@@ -237,7 +242,7 @@ def serve_process(specs: list[DatasetSpec], args: argparse.Namespace, index: int
     os._exit(0)
 
 
-def serve(specs: list[DatasetSpec], args: argparse.Namespace, sock: socket.socket, index: int,
+def serve(specs: list[DatasetSpec], args: argparse.Namespace, tokens: Tokens, sock: socket.socket, index: int,
           ready: Callable[[int], None]) -> None:
     """Open the datasets and serve them on `sock`; process `index` 0 prints what opened, and
     `ready` hears how many did before the first request is taken."""
@@ -245,13 +250,12 @@ def serve(specs: list[DatasetSpec], args: argparse.Namespace, sock: socket.socke
     from .server import create_app
 
     share = args.processes
-    tokens = Tokens.load(args.tokens) if args.tokens else Tokens()
     disk = DiskTier(args.disk_cache, args.disk_cache_size) if args.disk_cache else None
     cache = Cache(args.cache_size // share, disk)
     workers = Workers(args.workers or max(1, (os.cpu_count() or 1) // share))
     datasets = {s.id: Dataset(s, cache, recheck=args.recheck, workers=workers) for s in specs}
     _check_labels(datasets)
-    base = (args.public_url or f"http://{_reachable(args.host)}:{args.port}").rstrip("/")
+    base = _base(args)
     if index == 0:
         for ds in datasets.values():
             if ds.error:
