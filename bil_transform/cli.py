@@ -271,7 +271,7 @@ def serve(specs: list[DatasetSpec], args: argparse.Namespace, tokens: Tokens, so
     app = create_app(datasets, cache, workers, args.neuroglancer, tokens, args.max_region,
                      public_url=args.public_url, trust_forwarded=args.trust_forwarded)
     web.run_app(app, sock=sock, print=None, access_log=ACCESS, access_log_class=AccessLogger,
-                keepalive_timeout=args.idle_timeout, shutdown_timeout=SHUTDOWN_GRACE)
+                keepalive_timeout=args.idle_timeout, shutdown_timeout=SHUTDOWN_GRACE, backlog=BACKLOG)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

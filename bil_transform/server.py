@@ -537,9 +537,19 @@ async def observed(request: web.Request, handler: Callable) -> web.StreamRespons
         view = (_view_name(info) or "").split("-")[0]
         view = view if view in ("zarr", "zarr3", "precomputed") else (
             info.handler.__name__ if getattr(info.route, "resource", None) is not None else "unrouted")
-        # a streamed body is sent by now; a whole one is sent after this returns, and its length is known
-        sent = 0 if response is None else response.body_length if response.prepared else response.content_length or 0
-        request.app[METRICS].observe(view, status, time.perf_counter() - start, sent)
+        request.app[METRICS].observe(view, status, time.perf_counter() - start, _body_bytes(response))
+
+
+def _body_bytes(response: web.StreamResponse | None) -> int:
+    """A streamed body is sent by now; a whole one is sent after the middleware returns, and its
+    length is known (aiohttp wraps a memoryview body in a payload, which knows its size)."""
+    if response is None:
+        return 0
+    if response.prepared:
+        return response.body_length
+    if response.content_length is not None:
+        return response.content_length
+    return getattr(getattr(response, "body", None), "size", None) or 0
 
 
 async def _expect(request: web.Request) -> web.Response | None:
