@@ -11,6 +11,7 @@ import os
 import re
 import shlex
 import tomllib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,6 +56,16 @@ class DatasetSpec:
         """The dataset's own root: its directory, or the one holding its file (or glob)."""
         path = Path(self.path)
         return path if path.is_dir() else path.parent
+
+
+def holding(path: str | Path, specs: Iterable[DatasetSpec]) -> DatasetSpec | None:
+    """The dataset whose own directory `path` is in, if any: where the server never writes."""
+    where = Path(path).expanduser().resolve()
+    for spec in specs:
+        root = spec.root.expanduser().resolve()
+        if where == root or root in where.parents:
+            return spec
+    return None
 
 
 CONSONANTS, VOWELS = "bcdfghjklmnprstvwz", "aeiou"

@@ -20,7 +20,7 @@ from aiohttp import web
 from . import logs
 from .access import Tokens, TokensError
 from .cache import Cache
-from .catalog import CatalogError, DatasetSpec, expanded_glob_warning, load_catalog, specs_from_paths
+from .catalog import CatalogError, DatasetSpec, expanded_glob_warning, holding, load_catalog, specs_from_paths
 from .dataset import Dataset
 from .export import add_arguments as add_export_arguments
 from .export import run as run_export
@@ -156,11 +156,9 @@ def _disk_cache(args: argparse.Namespace, specs: list[DatasetSpec]) -> None:
     if not args.disk_cache:
         return
     where = Path(args.disk_cache).expanduser().resolve()
-    for spec in specs:
-        root = spec.root.resolve()
-        if where == root or root in where.parents:
-            raise ServeError(f"--disk-cache {args.disk_cache} is inside dataset {spec.id!r} ({root}); "
-                             "choose a directory outside every dataset")
+    if (spec := holding(where, specs)) is not None:
+        raise ServeError(f"--disk-cache {args.disk_cache} is inside dataset {spec.id!r} ({spec.root}); "
+                         "choose a directory outside every dataset")
     try:
         where.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=where).close()

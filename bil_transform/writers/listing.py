@@ -4,12 +4,19 @@ A directory is '' (the view's root) or a key prefix ending in '/'. Its listing n
 path component only, never the tree below it: the metadata documents there and the
 subdirectories (ending in '/'), or at the last axis the chunk files. Every file named is one the
 view's `resource` answers, so a listing never names a key that would 404.
+
+`files` names every file of a view at once (the listings' limit aside), with the pyramid blocks
+each chunk or shard file holds: what `bil-transform export` writes, and how it groups the work.
 """
 
 from __future__ import annotations
 
 import html
 import math
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+
+import numpy as np
 
 from .omezarr import OmeZarrV2, OmeZarrV3
 from .precomputed import Precomputed
@@ -71,10 +78,7 @@ def _zarr(view: OmeZarrV2 | OmeZarrV3, parts: list[str]) -> list[str] | None:
         if rest[0] != "c":
             return None
         rest = rest[1:]
-        per = view.shard_shape(level) if view.sharded else view.chunk_shape(level)
-    else:
-        per = view.chunk_shape(level)
-    grid = [math.ceil(s / p) for s, p in zip(view.shape(level), per)]
+    grid, _ = _zarr_grid(view, level)
     if len(rest) >= len(grid) or not all(_index(p, g) for p, g in zip(rest, grid)):
         return None
     axis = len(rest)
@@ -96,23 +100,84 @@ def _precomputed(view: Precomputed, parts: list[str]) -> list[str] | None:
         if count > MAX_LISTED:
             return []
         return [sharding.shard_name(i) for i in range(count)]  # the grid's own names: nothing to check
-    else:
-        lvl = levels[level]
-        count = math.prod(lvl.grid)
-        names = ("_".join(f"{i * c}-{min((i + 1) * c, s)}" for i, c, s in zip(idx[::-1], lvl.chunks[::-1],
-                                                                              lvl.shape[::-1]))
-                 for idx in _cells(lvl.grid, MAX_LISTED))
-    if count > MAX_LISTED:
+    lvl = levels[level]
+    if math.prod(lvl.grid) > MAX_LISTED:
         return []  # too many to list: the page says so
-    return _existing(view, f"{level}/", tuple(names))
+    return _existing(view, f"{level}/", tuple(_chunk_name(lvl, idx) for idx in np.ndindex(*lvl.grid)))
 
 
-def _cells(grid, limit: int):
-    """The first `limit` chunk indices (z, y, x) of a grid, in C order."""
-    total = math.prod(grid)
-    for n in range(min(total, limit)):
-        z, rem = divmod(n, grid[1] * grid[2])
-        yield z, *divmod(rem, grid[2])
+def _chunk_name(lvl, index: tuple[int, ...]) -> str:
+    """A precomputed chunk's name: its voxel ranges x, y, z, clipped at the level's edge."""
+    return "_".join(f"{i * c}-{min((i + 1) * c, s)}" for i, c, s in zip(index[::-1], lvl.chunks[::-1],
+                                                                         lvl.shape[::-1]))
+
+
+def _zarr_grid(view: OmeZarrV2 | OmeZarrV3, level: int) -> tuple[list[int], list[int]]:
+    """The (t, c, z, y, x) grid of a zarr level's chunk files (shards, in a sharded view), and the
+    pyramid blocks one file holds along each axis."""
+    per = view.shard_shape(level) if getattr(view, "sharded", False) else view.chunk_shape(level)
+    chunks = view.chunk_shape(level)
+    return [math.ceil(s / p) for s, p in zip(view.shape(level), per)], [p // c for p, c in zip(per, chunks)]
+
+
+@dataclass(frozen=True)
+class File:
+    """One file of a view: a metadata document, or a chunk or shard file and the pyramid blocks it
+    holds (`blocks`: ranges of block indices z, y, x of `level`, of time point `t` and each of
+    `channels`). `level` is None for a document of the whole view; `blocks` is None for a metadata
+    document and a shard that holds no chunk. Under labels/NAME/, `label` is NAME and level and
+    blocks are the label dataset's own."""
+
+    key: str
+    level: int | None = None
+    blocks: tuple[range, range, range] | None = None
+    t: int = 0
+    channels: tuple[int, ...] = ()
+    label: str | None = None
+
+
+def files(view) -> Iterator[File]:
+    """Every file of a view, each once: what walking `children` from the root finds, without
+    the listings' limit, and with what each chunk or shard file holds."""
+    if isinstance(view, (OmeZarrV2, OmeZarrV3)):
+        yield from _zarr_files(view)
+    elif isinstance(view, Precomputed):
+        yield from _precomputed_files(view)
+    else:
+        raise TypeError(f"no files of {type(view).__name__}")
+
+
+def _zarr_files(view: OmeZarrV2 | OmeZarrV3) -> Iterator[File]:
+    yield from (File(name) for name in _existing(view, "", METADATA))
+    for level, lvl in enumerate(view.pyramid.levels):
+        yield from (File(f"{level}/{name}", level) for name in _existing(view, f"{level}/", METADATA))
+        grid, per = _zarr_grid(view, level)
+        prefix = f"{level}/c/" if isinstance(view, OmeZarrV3) else f"{level}/"
+        for t, c, *index in np.ndindex(*grid):
+            blocks = tuple(range(i * n, min((i + 1) * n, g)) for i, n, g in zip(index, per[2:], lvl.grid))
+            yield File(prefix + "/".join(map(str, (t, c, *index))), level, blocks, t, (c,))
+    labels = list(getattr(view, "labels", None) or ())
+    if labels:
+        yield from (File(f"labels/{name}") for name in _existing(view, "labels/", METADATA))
+        for name in labels:
+            for f in _zarr_files(view.label_view(name)):
+                yield replace(f, key=f"labels/{name}/{f.key}", label=name)
+
+
+def _precomputed_files(view: Precomputed) -> Iterator[File]:
+    yield from (File(name) for name in _existing(view, "", METADATA))
+    held = {"t": view.t, "channels": tuple(view.channels)}
+    for level, lvl in enumerate(view.pyramid.levels):
+        if not view.sharded:
+            for index in np.ndindex(*lvl.grid):
+                yield File(f"{level}/{_chunk_name(lvl, index)}", level, tuple(range(i, i + 1) for i in index), **held)
+            continue
+        sharding = view.sharding(level)
+        for shard in range(sharding.shards()):
+            cells = [sharding.cell(code)[::-1] for code, _ in sharding.cells(shard)]  # z, y, x
+            blocks = tuple(range(min(c[a] for c in cells), max(c[a] for c in cells) + 1)
+                           for a in range(3)) if cells else None  # a shard's cells are an aligned box
+            yield File(f"{level}/{sharding.shard_name(shard)}", level, blocks, **held)
 
 
 def children(view, prefix: str) -> list[str] | None:
