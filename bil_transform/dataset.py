@@ -104,7 +104,7 @@ class Dataset:
             method = spec.downsample or ("mode" if spec.kind == "labels" else "mean")
             revision = hashlib.blake2b(f"{spec!r}{CODE_REVISION}".encode(), digest_size=8).hexdigest()
             pyramid = Pyramid(reader, self.cache.section("blocks"), spec.id, method=method, chunk=spec.chunk,
-                              workers=self.workers, revision=revision)
+                              workers=self.workers, revision=revision, reduced=self.cache.section("reduced"))
             encodings = precomputed_encodings(pyramid)
             if spec.encoding and spec.encoding not in encodings:
                 raise ValueError(f"the precomputed encoding {spec.encoding!r} cannot hold this {reader.volume.dtype} "

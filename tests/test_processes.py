@@ -106,7 +106,8 @@ def test_a_chunk_computed_in_one_process_is_served_from_disk_by_the_other_and_af
         assert len(fleet.children()) == 2
         first = fleet.chunk("0/0/0/0/1/2")
         assert first == level0_chunk(data, 0, 1, 2)
-        computed = blocks_computed(fleet.settled("bil_transform_disk_cache_writes_total", 1))
+        coarsest = fleet.chunk("3/0/0/0/0/0")  # every computed level's blocks go to disk on the way
+        computed = blocks_computed(fleet.settled("bil_transform_disk_cache_writes_total", 2))
         for _ in range(60):  # fresh connections until one lands on the process that did not compute it
             assert fleet.chunk("0/0/0/0/1/2") == first
             if fleet.metrics().get("bil_transform_disk_cache_hits_total", 0) >= 1:
@@ -121,9 +122,15 @@ def test_a_chunk_computed_in_one_process_is_served_from_disk_by_the_other_and_af
     fleet = Fleet(catalog, disk)  # a restart: nothing in memory, everything on disk
     try:
         assert fleet.chunk("0/0/0/0/1/2") == first
-        m = fleet.settled("bil_transform_disk_cache_hits_total", 1)
-        assert blocks_computed(m) == 0
-        assert m["bil_transform_disk_cache_misses_total"] == 0
+        # Another view of the coarsest level: made from its block on disk, not from the source again.
+        scale = requests.get(fleet.url("/ds/stack/precomputed/info")).json()["scales"][-1]
+        x, y, z = scale["size"]
+        assert scale["encoding"] == "raw" and scale["chunk_sizes"][0] == [x, y, z]
+        r = requests.get(fleet.url(f"/ds/stack/precomputed/{scale['key']}/0-{x}_0-{y}_0-{z}"))
+        assert r.status_code == 200 and r.content == coarsest  # both the raw z, y, x voxels, unpadded
+        m = fleet.settled("bil_transform_disk_cache_hits_total", 2)
+        assert blocks_computed(m) == 0 and m["bil_transform_source_bytes_total"] == 0
+        assert m["bil_transform_disk_cache_misses_total"] == 2  # the precomputed info and chunk; the block was there
         level0 = zarr.open_group(fleet.url("/ds/stack/zarr"), mode="r")["0"][0, 0]
         np.testing.assert_array_equal(level0, data)
     finally:

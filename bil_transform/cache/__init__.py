@@ -32,7 +32,8 @@ def nbytes(value: Any) -> int:
 class Cache:
     """A byte-bounded LRU shared by named sections. Thread-safe."""
 
-    def __init__(self, max_bytes: int, disk: DiskTier | None = None, persist: tuple[str, ...] = ("chunks",)):
+    def __init__(self, max_bytes: int, disk: DiskTier | None = None,
+                 persist: tuple[str, ...] = ("chunks", "reduced")):
         self.max_bytes = max_bytes
         self.disk, self.persist = disk, persist
         self._lru: OrderedDict[tuple[str, Hashable], tuple[Any, int]] = OrderedDict()
@@ -144,7 +145,7 @@ class Section:
             return value
         try:
             value = compute()
-            if isinstance(value, bytes):
+            if isinstance(value, (bytes, np.ndarray)):  # not shard indexes' length lists
                 disk.put(name, value)
         finally:
             if claimed:

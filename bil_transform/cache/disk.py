@@ -1,5 +1,6 @@
-"""The disk tier under the in-memory cache: encoded bodies kept on local disk, shared by every
-server process on the machine and kept across restarts (memory -> disk -> compute).
+"""The disk tier under the in-memory cache: encoded bodies, and the blocks of computed levels,
+kept on local disk, shared by every server process on the machine and kept across restarts
+(memory -> disk -> compute).
 
 It is a diskcache store (SQLite index, one file per large value), which is process-safe and
 size-bounded by itself; chosen over lmdb (no eviction, fixed map) and diskcache's FanoutCache or
@@ -13,6 +14,7 @@ with an atomic `add`, the others wait for its value.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import struct
 import threading
@@ -22,6 +24,7 @@ from pathlib import Path
 
 import crc32c
 import diskcache
+import numpy as np
 
 # How long a claim holds: a process that dies mid-computation frees its keys after this.
 LEASE = 60.0
@@ -30,6 +33,8 @@ WAL = 4 * 2**20  # SQLite's write-ahead log, which diskcache's size does not cou
 # After each value: its length and CRC-32C. diskcache never fsyncs its value files, so after a
 # power cut an entry may point at a short or torn file; such an entry is a miss, never bytes.
 TRAILER = struct.Struct("<QI")
+# Before it, what it is: encoded bytes (b), or the raw voxels of an array (a) with its dtype and shape.
+KIND = struct.Struct("<c8s3Q")
 
 
 def disk_key(section: str, key: Hashable) -> str | None:
@@ -58,26 +63,36 @@ class DiskTier:
         with self._lock:
             self.counts[what] += 1
 
-    def get(self, key: str) -> bytes | None:
+    def get(self, key: str) -> bytes | np.ndarray | None:
         value = self._checked(key)
         self._count("hits" if value is not None else "misses")
         return value
 
-    def _checked(self, key: str) -> bytes | None:
+    def _checked(self, key: str) -> bytes | np.ndarray | None:
         stored = self.store.get(key)
         if stored is None:
             return None
-        value = memoryview(stored)[:-TRAILER.size]
-        if len(stored) < TRAILER.size or TRAILER.unpack_from(stored, len(value)) != (len(value), crc32c.crc32c(value)):
+        end = len(stored) - TRAILER.size
+        if end < KIND.size or TRAILER.unpack_from(stored, end) != (end, crc32c.crc32c(memoryview(stored)[:end])):
             self._count("damaged")
             self.store.delete(key)
             return None
-        return bytes(value)
+        kind, dtype, *shape = KIND.unpack_from(stored)
+        if kind == b"b":
+            return stored[KIND.size:end]
+        return np.frombuffer(stored, np.dtype(dtype.rstrip(b"\0").decode()), math.prod(shape), KIND.size).reshape(shape)
 
-    def put(self, key: str, value: bytes) -> None:
-        if len(value) + TRAILER.size <= self.max_bytes:
-            self.store.set(key, value + TRAILER.pack(len(value), crc32c.crc32c(value)))
-            self._count("writes")
+    def put(self, key: str, value: bytes | np.ndarray) -> None:
+        """Keep `value` (bytes, or a 3-D array, which comes back read-only)."""
+        if isinstance(value, np.ndarray):
+            head, body = KIND.pack(b"a", value.dtype.str.encode(), *value.shape), np.ascontiguousarray(value).data
+        else:
+            head, body = KIND.pack(b"b", b"", 0, 0, 0), value
+        if KIND.size + len(body) + TRAILER.size > self.max_bytes:
+            return
+        stored = b"".join((head, body))
+        self.store.set(key, stored + TRAILER.pack(len(stored), crc32c.crc32c(stored)))
+        self._count("writes")
 
     def claim(self, key: str) -> bool:
         """True if this process is now the one computing `key`; False if another one is."""
@@ -86,7 +101,7 @@ class DiskTier:
     def release(self, key: str) -> None:
         self.store.delete(("computing", key))
 
-    def wait(self, key: str) -> bytes | None:
+    def wait(self, key: str) -> bytes | np.ndarray | None:
         """The value another process is computing, once it is stored; None if that process gave up
         (failed, or died and its claim expired), and the caller computes it itself."""
         self._count("waits")

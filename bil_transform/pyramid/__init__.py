@@ -73,10 +73,14 @@ def plan_levels(reader: Reader, chunk: tuple[int, int, int]) -> list[Level]:
 
 class Pyramid:
     def __init__(self, reader: Reader, blocks: Section, key: str, method: str = "mean",
-                 chunk: tuple[int, int, int] = DEFAULT_CHUNK, workers: Workers | None = None, revision: str = ""):
+                 chunk: tuple[int, int, int] = DEFAULT_CHUNK, workers: Workers | None = None, revision: str = "",
+                 reduced: Section | None = None):
         if method not in METHODS:
             raise ValueError(f"unknown downsampling method {method!r}; choose one of {', '.join(METHODS)}")
         self.reader, self.blocks, self.method = reader, blocks, method
+        # Blocks of computed levels apart from the slabs read from the source: each needs all the
+        # source under it, so they are worth keeping on a disk tier (the server persists this section).
+        self.reduced = reduced if reduced is not None else blocks
         self.workers = workers or Workers(1)
         self.volume = reader.volume
         # Everything the bytes derive from: the files' version, and `revision` for the rest (the
@@ -115,14 +119,22 @@ class Pyramid:
         if not all(0 <= i < g for i, g in zip(index, lvl.grid)):
             raise IndexError(f"block {index} is outside the grid {lvl.grid} of level {level}")
         if lvl.native is None:
-            return self.blocks.get_or_compute(("block", *self.key, level, t, c, index),
-                                              lambda: self._timed(level, self._reduce, level, t, c, index))
+            return self.reduced.get_or_compute(("block", *self.key, level, t, c, index),
+                                               lambda: self._timed(level, self._reduce, level, t, c, index))
         slab = self.slab(level, index)
         first, last = (self._region(level, tuple(r[end] for r in slab)) for end in (0, -1))
         region = tuple(slice(a.start, b.stop) for a, b in zip(first, last))
         key = ("slab", *self.key, level, t, c, tuple(r.start for r in slab))
         data = self.blocks.get_or_compute(key, lambda: self._timed(level, self._read, lvl.native, t, c, region))
         return data[within(self._region(level, index), region)]
+
+    def seed(self, level: int, t: int, c: int, index: tuple[int, int, int], block: np.ndarray) -> None:
+        """Take a block of a computed level made elsewhere (by another process of an export), so
+        the coarser blocks over it are computed from it instead of from the source again."""
+        if self.levels[level].native is not None:
+            raise ValueError(f"level {level} is read from the source, not computed: nothing to seed")
+        block = _frozen(block, self.volume.dtype)
+        self.reduced.get_or_compute(("block", *self.key, level, t, c, index), lambda: block)
 
     def _read(self, native: int, t: int, c: int, region: Region) -> np.ndarray:
         data = _frozen(self.reader.read(native, t, c, region), self.volume.dtype)
