@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import requests
 import yaml
-from conftest import Server, _free_port
+from conftest import Server, _free_port, stop_process
 from prometheus_client.parser import text_string_to_metric_families
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
@@ -152,11 +152,7 @@ class Nginx:
         return (self.root / "error.log").read_text()
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        stop_process(self.proc)
 
 
 def test_debians_nginx_is_installed():
