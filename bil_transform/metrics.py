@@ -116,9 +116,10 @@ class _Live(Collector):
 
 def _disk(stats: Mapping[str, int]) -> Iterable[Metric]:
     """The disk tier (--disk-cache), shared by the processes of one machine."""
-    for counter, what in (("hits", "Bodies read from the disk tier"), ("misses", "Bodies not found on the disk tier"),
-                          ("writes", "Bodies written to the disk tier"),
-                          ("waits", "Misses that waited for another process computing the same body"),
+    for counter, what in (("hits", "Entries (encoded bodies, computed blocks) read from the disk tier"),
+                          ("misses", "Entries not found on the disk tier"),
+                          ("writes", "Entries written to the disk tier"),
+                          ("waits", "Misses that waited for another process computing the same entry"),
                           ("damaged", "Entries dropped because their bytes failed their length or CRC-32C check")):
         yield CounterMetricFamily(f"bil_transform_disk_cache_{counter}", what, value=stats[counter])
     yield GaugeMetricFamily("bil_transform_disk_cache_bytes", "Bytes on the disk tier", value=stats["bytes"])

@@ -136,7 +136,7 @@ async def _in_pool(request: web.Request, fn: Callable[..., Any], *args) -> Any:
         waited = 0
         while not (await asyncio.wait({job}, timeout=PROGRESS_EVERY))[0]:
             waited += PROGRESS_EVERY  # a long computation (a coarse level of a file with no overviews) shows itself
-            blocks = request.app[CACHE].stats().get("blocks", {}).get("misses", 0)
+            blocks = sum(n for n, _ in request.app[WORKERS].meter.snapshot()["levels"].values())
             log.info("%s: still computing after %d s (%d blocks computed so far, server-wide; %d jobs queued)",
                      _shown_path(request), waited, blocks, state["queued"])
         return job.result()
