@@ -13,6 +13,7 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import os
+import queue
 import shutil
 import signal
 import tempfile
@@ -85,7 +86,7 @@ def _wait_ready(procs: dict[int, multiprocessing.process.BaseProcess], reports: 
                 raise StartError(f"process {index} exited with code {proc.exitcode} while starting")
         try:
             index, value = reports.get(timeout=0.2)
-        except Exception:  # queue.Empty: look at the processes again
+        except queue.Empty:  # look at the processes again
             continue
         ready[index] = value
     return [ready[i] for i in sorted(ready)]

@@ -149,24 +149,35 @@ def write_sources(root: Path) -> tuple[dict[str, Source], str]:
 
 class Server:
     def __init__(self, catalog: Path, extra: list[str] = ()):
-        self.port = _free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.log = catalog.with_suffix(f".{self.port}.log")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bil_transform", "serve", "--config", str(catalog), "--port", str(self.port),
-             "--cache-size", "512MiB", *extra],
-            stdout=open(self.log, "w"), stderr=subprocess.STDOUT, env=env,
-        )
+        for _ in range(3):  # a port free when chosen may be taken before the server binds it: another one
+            self.port = _free_port()
+            self.base = f"http://127.0.0.1:{self.port}"
+            self.log = catalog.with_suffix(f".{self.port}.log")
+            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "bil_transform", "serve", "--config", str(catalog), "--port", str(self.port),
+                 "--cache-size", "512MiB", *extra],
+                stdout=open(self.log, "w"), stderr=subprocess.STDOUT, env=env,
+            )
+            if self._started():
+                return
+        raise RuntimeError("no free port for the server in three tries")
+
+    def _started(self) -> bool:
+        """Wait until /healthz answers; False if the server exited because its port was taken."""
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.log.read_text()}")
+                text = self.log.read_text()
+                if "it is in use" in text:
+                    return False
+                raise RuntimeError(f"server exited: {text}")
             try:
-                if requests.get(self.base + "/healthz", timeout=1).ok:
-                    return
-            except requests.RequestException:  # not listening yet, or too busy starting to answer within 1 s
+                if requests.get(self.base + "/healthz", timeout=5).ok:
+                    return True
+            except requests.RequestException:  # not listening yet, or too busy starting to answer
                 time.sleep(0.1)
+        self.proc.kill()
         raise RuntimeError("server did not start within 60 s")
 
     def url(self, path: str) -> str:

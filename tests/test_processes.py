@@ -259,3 +259,18 @@ def test_a_torn_disk_entry_is_a_miss_and_never_served(stack):
         assert m["bil_transform_blocks_computed_total,level=0"] >= 1  # computed again, not read torn
     finally:
         fleet.stop()
+
+
+def test_the_disk_tier_keeps_arrays_whole_and_within_its_bound(tmp_path):
+    """Blocks go to disk as raw voxels with their dtype and shape; the bound counts their bytes."""
+    from bil_transform.cache.disk import WAL, DiskTier
+
+    block = np.random.default_rng(5).integers(0, 60000, (40, 64, 64), dtype=np.uint16)
+    tier = DiskTier(tmp_path / "tier", 2**24)
+    tier.put("block", block)
+    back = tier.get("block")
+    assert back.dtype == block.dtype and back.shape == block.shape and not back.flags.writeable
+    np.testing.assert_array_equal(back, block)
+    small = DiskTier(tmp_path / "small", WAL + block.nbytes // 2)  # less than its bytes, more than its first axis
+    small.put("block", block)
+    assert small.get("block") is None and small.stats()["writes"] == 0  # never written, only to be culled

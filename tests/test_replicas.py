@@ -79,7 +79,7 @@ def derive_conf(replica_ports: list[int], listen: int, root: Path, cache: bool =
 
 
 def _started(proc: subprocess.Popen, ready, log: Path, what: str) -> bool:
-    """Wait for `ready()`; False if the process exited because its port was taken meanwhile (the
+    """Wait for nginx's `ready()`; False if it exited because its port was taken meanwhile (the
     port was free when chosen), so the caller starts it again on another."""
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -96,25 +96,6 @@ def _started(proc: subprocess.Popen, ready, log: Path, what: str) -> bool:
         time.sleep(0.05)
     proc.kill()
     raise RuntimeError(f"{what} did not answer within 60 s: {log.read_text()}")
-
-
-class Replica(Server):
-    """conftest's Server, started as `python -m bil_transform serve --config CATALOG --port P
-    --trust-forwarded`, waiting for /healthz patiently: three replicas and two nginx starting on a
-    busy machine can take longer than Server's one-second read timeout to answer."""
-
-    def __init__(self, catalog: Path, extra: list[str]):
-        for _ in range(3):
-            self.port = _free_port()
-            self.base = f"http://127.0.0.1:{self.port}"
-            self.log = catalog.with_suffix(f".{self.port}.log")
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "bil_transform", "serve", "--config", str(catalog), "--port", str(self.port),
-                 "--cache-size", "256MiB", *extra],
-                stdout=open(self.log, "w"), stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-            if _started(self.proc, lambda: requests.get(self.url("/healthz"), timeout=5).ok, self.log, "a replica"):
-                return
-        raise RuntimeError("no free port for a replica in three tries")
 
 
 class Nginx:
@@ -167,11 +148,11 @@ class Fleet:
     through it reaches a replica (two load balancers that must agree on where each key goes)."""
 
     def __init__(self, root: Path, catalog: Path, tokens: Path):
-        self.replicas: list[Replica] = []
+        self.replicas: list[Server] = []
         self.nginx: list[Nginx] = []
         try:
             with ThreadPoolExecutor(3) as pool:
-                starting = [pool.submit(Replica, catalog, ["--trust-forwarded", "--tokens", str(tokens)])
+                starting = [pool.submit(Server, catalog, ["--trust-forwarded", "--tokens", str(tokens)])
                             for _ in range(3)]
                 failed = None
                 for future in starting:  # keep every one that started, to stop it if another did not

@@ -85,13 +85,14 @@ class DiskTier:
     def put(self, key: str, value: bytes | np.ndarray) -> None:
         """Keep `value` (bytes, or a 3-D array, which comes back read-only)."""
         if isinstance(value, np.ndarray):
-            head, body = KIND.pack(b"a", value.dtype.str.encode(), *value.shape), np.ascontiguousarray(value).data
+            head = KIND.pack(b"a", value.dtype.str.encode(), *value.shape)
+            body = memoryview(np.ascontiguousarray(value)).cast("B")  # bytes, whatever the shape
         else:
             head, body = KIND.pack(b"b", b"", 0, 0, 0), value
-        if KIND.size + len(body) + TRAILER.size > self.max_bytes:
+        if KIND.size + len(body) + TRAILER.size > self.store.size_limit:  # could never stay
             return
-        stored = b"".join((head, body))
-        self.store.set(key, stored + TRAILER.pack(len(stored), crc32c.crc32c(stored)))
+        crc = crc32c.crc32c(body, crc32c.crc32c(head))
+        self.store.set(key, b"".join((head, body, TRAILER.pack(len(head) + len(body), crc))))  # one copy
         self._count("writes")
 
     def claim(self, key: str) -> bool:
