@@ -21,13 +21,17 @@ from .readers.base import natural_key
 from .writers.codecs import COMPRESSORS
 from .writers.precomputed import ENCODINGS
 
-KINDS = ("image", "labels")
+KINDS = ("image", "labels", "skeletons")
 ORIGINS = ("source", "zero")
+UNITS = ("micrometer", "voxel")  # what a skeleton source's SWC coordinates are in
 METADATA = "metadata"  # [datasets.metadata]: free metadata under any name
 # The fields of a [[datasets]] table (DatasetSpec's, checked in _fields); any other key is free metadata,
 # unless it is close to one of these (a misspelling, refused with "did you mean").
 KNOWN_KEYS = ("id", "path", "voxel_size", "kind", "embargo", "downsample", "compression", "encoding", "chunk", "origin",
-              "labels", METADATA)
+              "labels", "space", "units", "offset", METADATA)
+# The fields only a skeleton source has, and those it has not (they describe voxels)
+SKELETON_KEYS = ("space", "units", "offset")
+VOXEL_KEYS = ("voxel_size", "downsample", "compression", "encoding", "chunk", "origin", "labels")
 TOP_LEVEL = ("datasets",)  # the only key a catalog file has at its top level
 ID_PATTERN = re.compile(r"[A-Za-z0-9._-]+")
 
@@ -50,6 +54,10 @@ class DatasetSpec:
     origin: str = "source"  # source: the files' own position in space; zero: voxel 0 at 0 (for viewers that need it)
     labels: tuple[str, ...] = ()  # ids of kind = "labels" datasets served under this image's labels/ group
     metadata: dict[str, str] = field(default_factory=dict)
+    # kind = "skeletons": SWC tracings placed in the frame of the image dataset `space`
+    space: str | None = None
+    units: str = "micrometer"  # micrometer: the image's physical frame; voxel: voxels of its level 0
+    offset: tuple[float, float, float] = (0.0, 0.0, 0.0)  # z, y, x, in `units`, added to every node
 
     @property
     def root(self) -> Path:
@@ -192,6 +200,7 @@ def _fields(entry: dict, base: Path, taken: set[str]) -> DatasetSpec:
             ident = pronounceable_id(f"{path}#{attempt}")
             attempt += 1
     kind = _one_of(entry, "kind", KINDS, "image")
+    space, units, offset = _skeleton_fields(entry, kind)
     voxel = entry.get("voxel_size")
     if voxel is not None and not (isinstance(voxel, list) and len(voxel) == 3 and all(
             isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in voxel)):
@@ -239,7 +248,31 @@ def _fields(entry: dict, base: Path, taken: set[str]) -> DatasetSpec:
         origin=origin,
         labels=tuple(labels),
         metadata=metadata,
+        space=space,
+        units=units,
+        offset=offset,
     )
+
+
+def _skeleton_fields(entry: dict, kind: str) -> tuple[str | None, str, tuple[float, float, float]]:
+    """(space, units, offset) of a skeleton source; the fields of the other kind are refused on each."""
+    if kind != "skeletons":
+        if given := [k for k in SKELETON_KEYS if k in entry]:
+            raise _Bad(f"{given[0]} belongs to a skeleton source (kind = \"skeletons\"); this dataset is {kind}")
+        return None, "micrometer", (0.0, 0.0, 0.0)
+    if given := [k for k in VOXEL_KEYS if k in entry]:
+        raise _Bad(f"{given[0]} describes voxels, and a skeleton source (kind = \"skeletons\") has none; its "
+                   "frame is its space image's")
+    space = entry.get("space")
+    if not isinstance(space, str) or not space:
+        raise _Bad(f"space must name the image dataset the tracings were made on, like space = \"mouse-001\"; "
+                   f"got {_show(space) if 'space' in entry else 'no space'}")
+    units = _one_of(entry, "units", UNITS, "micrometer")
+    offset = entry.get("offset", [0, 0, 0])
+    if not (isinstance(offset, list) and len(offset) == 3 and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in offset)):
+        raise _Bad(f"offset must be three numbers [z, y, x] in the tracings' units ({units}s); got {_show(offset)}")
+    return space, units, tuple(float(v) for v in offset)
 
 
 def load_catalog(path: str | Path) -> list[DatasetSpec]:
@@ -285,7 +318,23 @@ def load_catalog(path: str | Path) -> list[DatasetSpec]:
         taken.add(spec.id)
         specs.append(spec)
     _check_labels(specs, path, first)
+    _check_spaces(specs, path, first)
     return specs
+
+
+def _check_spaces(specs: list[DatasetSpec], path: Path, index: dict[str, int]) -> None:
+    """Each skeleton source's `space` names an image dataset of the catalog."""
+    kinds = {s.id: s.kind for s in specs}
+    for spec in specs:
+        if spec.kind != "skeletons":
+            continue
+        where = f"{path}: dataset {spec.id!r} (datasets[{index[spec.id]}])"
+        if spec.space not in kinds:
+            raise CatalogError(f"{where}: space names {spec.space!r}, which is no dataset of the catalog"
+                               f"{_did_you_mean(spec.space, [s for s, k in kinds.items() if k == 'image'])}")
+        if kinds[spec.space] != "image":
+            raise CatalogError(f"{where}: space names {spec.space!r}, whose kind is {kinds[spec.space]!r}; "
+                               "tracings are placed in the frame of an image dataset")
 
 
 def _check_labels(specs: list[DatasetSpec], path: Path, index: dict[str, int]) -> None:

@@ -13,6 +13,7 @@ from conftest import _free_port
 from bil_transform.catalog import CatalogError, expanded_glob_warning, load_catalog
 
 ONE = '[[datasets]]\nid = "brain"\npath = "brain.tif"\n'
+SKELETONS = '\n[[datasets]]\nid = "cells"\nkind = "skeletons"\npath = "swc"\nspace = "brain"\n'
 
 # (test id, catalog text, fragments the one line must hold besides the catalog's path)
 MISTAKES = [
@@ -69,6 +70,21 @@ MISTAKES = [
     ("free-field-table", ONE + '[datasets.extra]\nlab = "Smith"\n',
      ["extra is free metadata", "must be a string, number or boolean", "got a table {lab = 'Smith'}"]),
     ("not-toml", ONE + "voxel_size = [2.0, 1.0\n", ["cannot read the catalog"]),
+    # skeleton sources (issue 16): SWC tracings placed in an image's frame
+    ("skeletons-no-space", ONE + SKELETONS.replace('space = "brain"\n', ""),
+     ["dataset 'cells' (datasets[1])", "space must name the image dataset", "got no space"]),
+    ("skeletons-space-unknown", ONE + SKELETONS.replace('space = "brain"', 'space = "brian"'),
+     ["dataset 'cells' (datasets[1])", "space names 'brian', which is no dataset", "did you mean 'brain'?"]),
+    ("skeletons-space-labels", ONE + 'kind = "labels"\n' + SKELETONS,
+     ["space names 'brain', whose kind is 'labels'", "an image dataset"]),
+    ("skeletons-units-unknown", ONE + SKELETONS + 'units = "nm"\n',
+     ["dataset 'cells' (datasets[1])", "units must be one of 'micrometer', 'voxel'", "got 'nm'"]),
+    ("skeletons-offset-two", ONE + SKELETONS + "offset = [1, 2]\n",
+     ["offset must be three numbers [z, y, x] in the tracings' units (micrometers)", "got [1, 2]"]),
+    ("skeletons-voxel-field", ONE + SKELETONS + "voxel_size = [1, 1, 1]\n",
+     ["dataset 'cells' (datasets[1])", "voxel_size describes voxels, and a skeleton source", "its space image's"]),
+    ("image-with-space", ONE + 'space = "other"\n',
+     ["dataset 'brain' (datasets[0])", "space belongs to a skeleton source", "this dataset is image"]),
 ]
 
 
@@ -107,6 +123,18 @@ def test_catalog_fields_keep_their_values(tmp_path):
     assert (spec.voxel_size, spec.kind, spec.embargo, spec.downsample, spec.compression, spec.encoding, spec.chunk) \
         == ((2.0, 0.5, 0.5), "labels", True, "stride", "zstd", "compressed_segmentation", (16, 32, 32))
     assert spec.path == str(tmp_path / "brain.tif") and spec.metadata == {}
+
+
+def test_skeleton_source_fields_keep_their_values(tmp_path):
+    catalog = tmp_path / "catalog.toml"
+    catalog.write_text(ONE + SKELETONS + 'units = "voxel"\noffset = [1, -2.5, 3]\nsoma_region = "VISp"\n')
+    image, cells = load_catalog(catalog)
+    assert (cells.kind, cells.space, cells.units, cells.offset) == ("skeletons", "brain", "voxel", (1.0, -2.5, 3.0))
+    assert cells.path == str(tmp_path / "swc") and cells.metadata == {"soma_region": "VISp"}
+    assert (image.space, image.units, image.offset) == (None, "micrometer", (0.0, 0.0, 0.0))
+    catalog.write_text(ONE + SKELETONS)
+    _, default = load_catalog(catalog)
+    assert (default.units, default.offset) == ("micrometer", (0.0, 0.0, 0.0))
 
 
 def test_load_catalog_raises_catalog_error_not_type_error(tmp_path):
