@@ -17,6 +17,7 @@ from .catalog import DatasetSpec
 from .pyramid import Pyramid
 from .readers import SourceError, open_source
 from .readers.base import version_token
+from .tracings import Tracings, frame_of, open_tracings
 from .workers import Workers
 from .writers import precomputed_encodings
 
@@ -37,23 +38,25 @@ CODE_REVISION = _code_revision()
 
 @dataclass(frozen=True)
 class Snapshot:
-    """One opened state of a dataset: the pyramid (or why there is none) and the stamp of the
-    directories it was listed from. Requests read one snapshot; a reopen builds the next one aside
-    and swaps it in with one assignment, so a dataset never vanishes while it reopens."""
+    """One opened state of a dataset: the pyramid, or a skeleton source's tracings, or why there is
+    neither; and the stamp of the directories it was listed from. Requests read one snapshot; a
+    reopen builds the next one aside and swaps it in with one assignment, so a dataset never
+    vanishes while it reopens."""
 
     pyramid: Pyramid | None
     error: str | None
     directories: tuple[str, ...] = ()  # their listings are part of the version: a new slice is seen
     listing: str | None = None  # version_token(directories), taken before the source was opened
+    tracings: Tracings | None = None
 
     def unchanged(self) -> bool:
         """Whether the files and listings are still what this snapshot was opened from (both stamps
         were taken before the files were read, so a change while opening is never missed)."""
-        if self.pyramid is None or self.listing is None:
+        if self.error is not None or self.listing is None:
             return False
+        source = self.pyramid.volume if self.pyramid is not None else self.tracings
         try:
-            vol = self.pyramid.volume
-            return version_token(self.directories) == self.listing and version_token(vol.files) == vol.version
+            return version_token(self.directories) == self.listing and version_token(source.files) == source.version
         except OSError:
             return False  # a file or directory is gone
 
@@ -67,8 +70,12 @@ class Dataset:
     stale. Checks run on their own thread, never queued behind chunk work.
     """
 
-    def __init__(self, spec: DatasetSpec, cache: Cache, recheck: float = 2.0, workers: Workers | None = None):
+    def __init__(self, spec: DatasetSpec, cache: Cache, recheck: float = 2.0, workers: Workers | None = None,
+                 space: Dataset | None = None):
         self.spec, self.cache, self.workers = spec, cache, workers
+        self.space = space  # a skeleton source's image, whose frame its tracings are placed in
+        # derived bytes are keyed by it too, so an edited catalog entry or an upgrade makes new ones
+        self.revision = hashlib.blake2b(f"{spec!r}{CODE_REVISION}".encode(), digest_size=8).hexdigest()
         self.recheck = recheck  # seconds between checks of the source files
         self._checks = workers.checks if workers is not None else ThreadPoolExecutor(1)
         self._lock = threading.Lock()
@@ -85,13 +92,20 @@ class Dataset:
     def error(self) -> str | None:
         return self.snapshot.error
 
-    def _open(self) -> Snapshot:
+    @property
+    def tracings(self) -> Tracings | None:
+        return self.snapshot.tracings
+
+    def _open(self, before: Snapshot | None = None) -> Snapshot:
+        """The next snapshot; `before`, the current one, whose unchanged tracings need no reading."""
         spec = self.spec
         directories = self._directories()
         try:
             listing = version_token(directories)
         except OSError:
             listing = None
+        if spec.kind == "skeletons":
+            return self._open_tracings(directories, listing, before.tracings if before is not None else None)
         try:
             reader = open_source(spec.path, self.cache.section("segments"))
             overrides = {"kind": spec.kind}
@@ -102,9 +116,8 @@ class Dataset:
                     dataclasses.replace(lvl, translation=None) for lvl in reader.volume.native_levels))
             reader.volume = dataclasses.replace(reader.volume, **overrides)
             method = spec.downsample or ("mode" if spec.kind == "labels" else "mean")
-            revision = hashlib.blake2b(f"{spec!r}{CODE_REVISION}".encode(), digest_size=8).hexdigest()
             pyramid = Pyramid(reader, self.cache.section("blocks"), spec.id, method=method, chunk=spec.chunk,
-                              workers=self.workers, revision=revision, reduced=self.cache.section("reduced"))
+                              workers=self.workers, revision=self.revision, reduced=self.cache.section("reduced"))
             encodings = precomputed_encodings(pyramid)
             if spec.encoding and spec.encoding not in encodings:
                 raise ValueError(f"the precomputed encoding {spec.encoding!r} cannot hold this {reader.volume.dtype} "
@@ -114,6 +127,29 @@ class Dataset:
         except Exception as exc:  # never let one dataset stop the server from starting
             return Snapshot(None, f"{spec.path}: cannot be opened ({type(exc).__name__}: {exc})")
         return Snapshot(pyramid, None, directories, listing)
+
+    def _open_tracings(self, directories: tuple[str, ...], listing: str | None, before: Tracings | None) -> Snapshot:
+        """A skeleton source's snapshot: placed in the frame of its space image's current snapshot."""
+        image = self.space.snapshot if self.space is not None else None
+        if image is None or image.pyramid is None:
+            why = f": {self.space.public(image.error or '')}" if image is not None else ""
+            return Snapshot(None, f"its space image {self.spec.space!r} is unavailable{why}")
+        try:
+            tracings = open_tracings(self.spec, frame_of(image.pyramid.volume), before)
+        except (SourceError, OSError) as exc:
+            return Snapshot(None, str(exc))
+        except Exception as exc:  # never let one source stop the server from starting
+            return Snapshot(None, f"{self.spec.path}: cannot be opened ({type(exc).__name__}: {exc})")
+        return Snapshot(None, None, directories, listing, tracings)
+
+    def _current(self, snap: Snapshot) -> bool:
+        """Whether a snapshot still describes the files (and a skeleton source's, its image's frame)."""
+        if not snap.unchanged():
+            return False
+        if snap.tracings is None:
+            return True
+        image = self.space.pyramid if self.space is not None else None
+        return image is not None and frame_of(image.volume) == snap.tracings.frame
 
     def _directories(self) -> tuple[str, ...]:
         """The directories whose listings the source depends on: a directory source's root and its
@@ -148,16 +184,16 @@ class Dataset:
         otherwise the dataset answers that it is unavailable until a reopen succeeds."""
         try:
             old = self.snapshot
-            if old.pyramid is not None and old.unchanged():
+            if self._current(old):
                 return
             with self._lock:
                 self._reopening = True
-            new = self._open()
-            if new.pyramid is None and old.pyramid is not None and old.unchanged():
+            new = self._open(old)
+            if new.error is not None and self._current(old):
                 log.warning("%s: reopening failed, serving the unchanged files as before: %s", self.spec.id,
                             new.error)
                 return
-            if new.pyramid is None and new.error != old.error:
+            if new.error is not None and new.error != old.error:
                 log.warning("%s: unavailable: %s", self.spec.id, new.error)
             self.snapshot = new
         finally:

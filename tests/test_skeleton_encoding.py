@@ -229,9 +229,13 @@ def _cable(lines) -> float:
     return sum(math.dist(line[2:5], by_id[line[6]][2:5]) for line in lines if line[6] != -1)
 
 
+def _listed(neurons) -> list:
+    return [(nr.segid, nr.name, nr.file, skeletons.measure(nr)) for nr in neurons]
+
+
 def test_segment_properties_list_every_neuron_with_its_measures():
     neurons = _neurons()
-    doc = skeletons.segment_properties(neurons)
+    doc = skeletons.segment_properties(_listed(neurons))
     _check_segment_properties(doc)
     inline = doc["inline"]
     assert inline["ids"] == ["12", "907", str(2**63 + 5)]  # increasing, uint64 beyond 2**53 kept exact
@@ -295,4 +299,4 @@ def test_segment_properties_refuse_ids_neuroglancer_cannot_show(segids):
     neurons = [skeletons.Neuron(s, cell.name, cell.file, cell.vertices, cell.edges, cell.radius, cell.types)
                for s in segids]
     with pytest.raises(ValueError, match="segment id"):
-        skeletons.segment_properties(neurons)
+        skeletons.segment_properties(_listed(neurons))

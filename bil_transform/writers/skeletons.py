@@ -145,19 +145,20 @@ def measure(neuron: Neuron) -> Measures:
     return Measures(len(v), cable, (float(soma[0]), float(soma[1]), float(soma[2])))
 
 
-def segment_properties(neurons: Sequence[Neuron]) -> dict:
-    """The `neuroglancer_segment_properties` info listing every neuron, in increasing segment id
-    (Neuroglancer sorts them so anyway): its identifier as the label, its file as the description,
-    and numbers a neuroanatomist filters by. Number ids fit Neuroglancer's query syntax
-    (`[a-zA-Z][a-zA-Z0-9_]*`, property_map.ts), so `cable_um>2000` works in the segment list."""
-    ordered = sorted(neurons, key=lambda nr: nr.segid)
-    ids = [nr.segid for nr in ordered]
+def segment_properties(listed: Sequence[tuple[int, str, str, Measures]]) -> dict:
+    """The `neuroglancer_segment_properties` info listing every neuron, given as (segment id,
+    identifier, file, measures), in increasing segment id (Neuroglancer sorts them so anyway): its
+    identifier as the label, its file as the description, and numbers a neuroanatomist filters by.
+    Number ids fit Neuroglancer's query syntax (`[a-zA-Z][a-zA-Z0-9_]*`, property_map.ts), so
+    `cable_um>2000` works in the segment list."""
+    ordered = sorted(listed, key=lambda row: row[0])
+    ids = [row[0] for row in ordered]
     for segid in ids:
         if not isinstance(segid, int | np.integer) or not 1 <= segid < 2**64:
             raise ValueError(f"segment id {segid!r} must be an integer in [1, 2**64)")
     if len(set(ids)) != len(ids):
         raise ValueError("segment ids must be distinct")
-    measures = [measure(nr) for nr in ordered]
+    measures = [row[3] for row in ordered]
 
     def number(pid: str, data_type: str, description: str, values: list) -> dict:
         return {"id": pid, "type": "number", "data_type": data_type, "description": description, "values": values}
@@ -167,8 +168,8 @@ def segment_properties(neurons: Sequence[Neuron]) -> dict:
         "inline": {
             "ids": [str(int(i)) for i in ids],
             "properties": [
-                {"id": "label", "type": "label", "values": [nr.name for nr in ordered]},
-                {"id": "description", "type": "description", "values": [nr.file for nr in ordered]},
+                {"id": "label", "type": "label", "values": [row[1] for row in ordered]},
+                {"id": "description", "type": "description", "values": [row[2] for row in ordered]},
                 number("nodes", "uint32", "number of SWC nodes", [m.nodes for m in measures]),
                 number("cable_um", "float32", "cable length (um)", [round(m.cable_length, 3) for m in measures]),
                 *(number(f"soma_{axis}_um", "float32", f"soma {axis} (um)", [round(m.soma[i], 3) for m in measures])
