@@ -251,23 +251,33 @@ def serve(specs: list[DatasetSpec], args: argparse.Namespace, tokens: Tokens, so
     disk = DiskTier(args.disk_cache, args.disk_cache_size) if args.disk_cache else None
     cache = Cache(args.cache_size // share, disk)
     workers = Workers(args.workers or max(1, (os.cpu_count() or 1) // share))
-    datasets = {s.id: Dataset(s, cache, recheck=args.recheck, workers=workers) for s in specs}
+    datasets = {s.id: Dataset(s, cache, recheck=args.recheck, workers=workers) for s in specs
+                if s.kind != "skeletons"}
+    skeletons = {s.id: Dataset(s, cache, recheck=args.recheck, workers=workers, space=datasets[s.space])
+                 for s in specs if s.kind == "skeletons"}  # after the images whose frames they are in
     _check_labels(datasets)
     base = _base(args)
     if index == 0:
-        for ds in datasets.values():
+        for ds in (*datasets.values(), *skeletons.values()):
+            root = f"{base}/ds/{ds.spec.id}"
             if ds.error:
                 print(f"  {ds.spec.id}: UNAVAILABLE: {ds.error}", file=sys.stderr)
+            elif ds.tracings is not None:
+                served = sum(t.error is None for t in ds.tracings.neurons)
+                print(f"  {ds.spec.id}: ok  {served} neuron{'s' if served != 1 else ''} on {ds.spec.space}  "
+                      f"precomputed://{root}/skeletons")
+                for t in ds.tracings.neurons:
+                    if t.error:
+                        print(f"    {t.name}: UNAVAILABLE: {t.error}", file=sys.stderr)
             else:
-                root = f"{base}/ds/{ds.spec.id}"
                 print(f"  {ds.spec.id}: ok  {root}/zarr  {root}/zarr3  precomputed://{root}/precomputed")
-    opened = sum(ds.error is None for ds in datasets.values())
+    opened = sum(ds.error is None for ds in (*datasets.values(), *skeletons.values()))
     if not opened and index == 0:
         print(f"bil-transform: WARNING: none of the {len(datasets)} dataset(s) could be opened (reasons above); "
               "each answers 503 until its files are fixed", file=sys.stderr)
     ready(opened)
     app = create_app(datasets, cache, workers, args.neuroglancer, tokens, args.max_region,
-                     public_url=args.public_url, trust_forwarded=args.trust_forwarded)
+                     public_url=args.public_url, trust_forwarded=args.trust_forwarded, skeletons=skeletons)
     web.run_app(app, sock=sock, print=None, access_log=ACCESS, access_log_class=AccessLogger,
                 keepalive_timeout=args.idle_timeout, shutdown_timeout=SHUTDOWN_GRACE, backlog=BACKLOG)
 
@@ -315,6 +325,8 @@ def _factors(factors) -> str:
 def cmd_info(args: argparse.Namespace) -> int:
     from .pyramid import DEFAULT_CHUNK, plan_levels
 
+    if Path(args.path).suffix.lower() == ".swc" and Path(args.path).is_file():
+        return _swc_info(args.path)
     try:
         reader = open_source(args.path)
     except SourceError as exc:
@@ -339,6 +351,30 @@ def cmd_info(args: argparse.Namespace) -> int:
     for i, lvl in enumerate(levels):
         print(f"  {i}: shape {lvl.shape}, factors {_factors(lvl.factors)}, "
               f"{'native' if lvl.native is not None else 'computed'}")
+    return 0
+
+
+def _swc_info(path: str) -> int:
+    """What `info` says of one SWC tracing: what the reader sees, or the line that is wrong."""
+    import numpy as np
+
+    from .readers.swc import read_swc
+
+    try:
+        tracing = read_swc(path)
+    except SourceError as exc:
+        print(f"bil-transform info: {exc}", file=sys.stderr)
+        return 1
+    types = dict(zip(*np.unique(tracing.types, return_counts=True)))
+    low, high = tracing.xyz.min(axis=0), tracing.xyz.max(axis=0)
+    print(f"path:          {tracing.path}")
+    print("format:        swc (a traced neuron; serve it as a catalog entry with kind = \"skeletons\")")
+    print(f"nodes:         {tracing.n_nodes} in {len(tracing.roots)} tree(s)")
+    print(f"node types:    {', '.join(f'{t}: {n}' for t, n in types.items())} (1 soma, 2 axon, 3 basal, 4 apical)")
+    print(f"extent:        x {low[0]:g} to {high[0]:g}, y {low[1]:g} to {high[1]:g}, z {low[2]:g} to {high[2]:g} "
+          "(the file's units)")
+    for key, value in tracing.header.items():
+        print(f"header:        {key}: {value}")
     return 0
 
 

@@ -159,6 +159,9 @@ def _specs(args: argparse.Namespace) -> tuple[DatasetSpec, ...]:
         if spec is None:
             ids = ", ".join(sorted(catalog)[:10]) + (", ..." if len(catalog) > 10 else "")
             raise ExportError(f"{args.config} has no dataset with id {args.source!r}; its ids are {ids}")
+        if spec.kind == "skeletons":
+            raise ExportError(f"dataset {spec.id!r} is a skeleton source: its SWC files are its originals (see its "
+                              "manifest), and export writes image pyramids")
         return (spec, *(catalog[name] for name in spec.labels))
     if "*" not in args.source and not Path(args.source).expanduser().exists():
         raise ExportError(f"{args.source} is no file or directory (to export a catalog's dataset by id, "

@@ -109,8 +109,8 @@ class _Live(Collector):
                                 value=self.queued())
         datasets = GaugeMetricFamily("bil_transform_datasets", "Datasets by status", labels=["status"])
         snapshots = [ds.snapshot for ds in self.datasets.values()]
-        datasets.add_metric(["ok"], sum(s.pyramid is not None for s in snapshots))
-        datasets.add_metric(["error"], sum(s.pyramid is None for s in snapshots))
+        datasets.add_metric(["ok"], sum(s.error is None for s in snapshots))
+        datasets.add_metric(["error"], sum(s.error is not None for s in snapshots))
         yield datasets
 
 

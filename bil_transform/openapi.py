@@ -52,8 +52,10 @@ def document() -> dict:
                     {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
                     {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0}}],
                 "responses": {"200": _json("SearchResult", "A page of matches"), "400": ERROR}}},
-            "/api/datasets/{id}": {"get": {"summary": "One dataset's metadata and links", "parameters": [ID],
-                                           "responses": {"200": _json("Dataset", "The dataset"), "404": ERROR}}},
+            "/api/datasets/{id}": {"get": {
+                "summary": "One dataset's metadata and links; an image lists its skeleton sources, a skeleton "
+                           "source its neurons (those matching q)", "parameters": [ID, query],
+                "responses": {"200": _json("Dataset", "The dataset"), "400": ERROR, "404": ERROR}}},
             "/ds/{id}/thumbnail.png": {"get": {"summary": "A small picture", "parameters": [ID], "responses": {
                 "200": {"description": "PNG", "content": {"image/png": {}}}, "404": ERROR, **UNAUTHORIZED}}},
             "/ds/{id}/manifest.json": {"get": {
@@ -81,6 +83,17 @@ def document() -> dict:
                                                                 "307": {"description": "To VIEW/"}, "404": ERROR}}}
                for selector, extra in (("", []), ("/c/{c}", [channel]), ("/t/{t}", [time]),
                                        ("/t/{t}/c/{c}", [time, channel]))},
+            "/ds/{id}/skeletons/{key}": {"get": {
+                "summary": "A skeleton source's Neuroglancer precomputed skeletons: info, "
+                           "segment_properties/info, or a neuron's skeleton by its segment id",
+                "parameters": [ID, {**KEY, "description": "info, segment_properties/info or a segment id"}],
+                "responses": {**BYTES, "503": {**ERROR, "description": "The neuron's SWC file is malformed (the "
+                                                                    "file and line are named); retried later"}}}},
+            "/ds/{id}/info": {"get": {
+                "summary": "A skeleton source as a segmentation volume with no voxels, naming its skeletons "
+                           "(what cloud-volume opens)",
+                "parameters": [ID], "responses": {"200": {"description": "JSON", "content": {"application/json": {}}},
+                                                  "304": BYTES["304"], "404": ERROR, **UNAUTHORIZED}}},
             "/ds/{id}/{view}/{key}": _view("", []),
             "/ds/{id}/c/{c}/{view}/{key}": _view(", one channel", [channel]),
             "/ds/{id}/t/{t}/{view}/{key}": _view(", one time point", [time]),
@@ -88,15 +101,23 @@ def document() -> dict:
         },
         "components": {"schemas": {
             "Summary": {"type": "object", "required": ["id", "kind", "embargo", "status", "links"], "properties": {
-                "id": {"type": "string"}, "kind": {"enum": ["image", "labels"]}, "embargo": {"type": "boolean"},
+                "id": {"type": "string"}, "kind": {"enum": ["image", "labels", "skeletons"]},
+                "embargo": {"type": "boolean"},
                 "status": {"enum": ["ok", "error"]}, "error": {"type": "string"}, "format": {"type": "string"},
                 "shape": {"type": "array", "items": {"type": "integer"}, "minItems": 5, "maxItems": 5},
                 "dtype": {"type": "string"}, "voxel_size": {"type": "array", "items": {"type": "number"}},
                 "levels": {"type": "array", "items": {"type": "object", "required": ["shape", "factors", "chunks"]}},
+                "space": {"type": "string"}, "units": {"enum": ["micrometer", "voxel"]},
+                "neuron_count": {"type": "integer"}, "unavailable_neurons": {"type": "integer"},
                 "links": {"type": "object", "additionalProperties": {
-                    "oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}}}},
+                    "oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}},
+                              {"type": "object", "additionalProperties": {"type": "string"}}]}}}},
             "Dataset": {"allOf": [{"$ref": "#/components/schemas/Summary"}, {"type": "object", "properties": {
-                "channels": {"type": "array", "items": {"type": "object", "required": ["name", "color"]}}}}]},
+                "channels": {"type": "array", "items": {"type": "object", "required": ["name", "color"]}},
+                "skeletons": {"type": "array", "items": {"type": "object", "required": ["id", "kind", "status"]}},
+                "neurons": {"type": "array", "items": {"type": "object", "required": ["id", "segid", "file", "status"],
+                                                       "properties": {"segid": {"type": "integer", "minimum": 1}}}},
+            }}]},
             "SearchResult": {"type": "object", "required": ["total", "offset", "limit", "datasets", "facets"],
                              "properties": {
                                  "total": {"type": "integer"}, "offset": {"type": "integer"},

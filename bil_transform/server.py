@@ -17,7 +17,7 @@ from aiohttp import web
 from . import access, openapi, pages, records, search
 from .access import AccessDenied, Tokens
 from .cache import Cache, Section
-from .dataset import Dataset
+from .dataset import Dataset, Snapshot
 from .logs import shown_path
 from .metrics import CONTENT_TYPE, Metrics
 from .pyramid import Pyramid
@@ -28,6 +28,7 @@ from .writers import ZARR_FORMATS, listing, make_view, parse_view
 from .writers.manifest import Manifest
 from .writers.region import Region, RegionBody, RegionTooLarge
 from .writers.resource import Body
+from .writers.skeleton_files import NoNeuron, SkeletonFiles, Unreadable
 from .writers.thumbnail import thumbnail
 
 log = logging.getLogger("bil_transform")
@@ -44,6 +45,7 @@ PREFLIGHT = {
     "Access-Control-Max-Age": "86400",
 }
 DATASETS = web.AppKey("datasets", dict)
+SKELETONS = web.AppKey("skeletons", dict)  # skeleton sources (catalog kind = "skeletons"), by id
 CACHE = web.AppKey("cache", Cache)
 CHUNKS = web.AppKey("chunks", Section)  # encoded bodies: chunks, metadata documents, shard lengths
 WORKERS = web.AppKey("workers", Workers)
@@ -145,11 +147,21 @@ async def _in_pool(request: web.Request, fn: Callable[..., Any], *args) -> Any:
 
 
 def _dataset(request: web.Request) -> Dataset:
+    """The image (or labels) dataset a request names."""
     ident = request.match_info["id"]
     ds = request.app[DATASETS].get(ident)
     if ds is None:
+        if ident in request.app[SKELETONS]:
+            raise web.HTTPNotFound(text=f"{ident!r} is a skeleton source, with no voxels: its skeletons are under "
+                                        f"/ds/{ident}/skeletons/")
         raise web.HTTPNotFound(text=f"No dataset with id {ident!r}")
     return ds
+
+
+def _any_dataset(request: web.Request) -> Dataset:
+    """The dataset or skeleton source a request names."""
+    source = request.app[SKELETONS].get(request.match_info["id"])
+    return source if source is not None else _dataset(request)
 
 
 def _token(request: web.Request) -> str | None:
@@ -161,27 +173,55 @@ def _token(request: web.Request) -> str | None:
     return (value.strip() or None) if scheme.lower() == "bearer" else None
 
 
+def _embargoes(ds: Dataset) -> tuple[Dataset, ...]:
+    """The datasets whose embargo rules a dataset's data fall under: its own, and a skeleton
+    source's image's first (tracings are shown on the brain, and reveal it)."""
+    return (ds.space, ds) if ds.space is not None else (ds,)
+
+
 def _may_read(request: web.Request, ds: Dataset) -> bool:
-    return access.allowed(ds.spec.id, ds.spec.embargo, _token(request), request.app[TOKENS])
+    return all(access.allowed(each.spec.id, each.spec.embargo, _token(request), request.app[TOKENS])
+               for each in _embargoes(ds))
 
 
-async def _voxels(request: web.Request) -> tuple[Dataset, Pyramid]:
-    """The dataset whose voxels a request reads, and the pyramid of its current snapshot: the
-    access check every voxel route passes (before anything is computed or revealed, a 304
-    included), then the check of its files when one is due. An unavailable dataset answers 503
-    with Retry-After, never 404: a zarr client reads a 404 chunk as zeros."""
-    ds = _dataset(request)
-    access.check(ds.spec.id, ds.spec.embargo, _token(request), request.app[TOKENS])
-    if ds.spec.embargo:
-        request["private"] = True
+async def _current(request: web.Request, ds: Dataset) -> Snapshot:
+    """The snapshot whose data a request reads: the access check every data route passes (before
+    anything is computed or revealed, a 304 included), then the check of its files when one is
+    due. An unavailable dataset answers 503 with Retry-After, never 404: a zarr client reads a 404
+    chunk as zeros."""
+    for each in _embargoes(ds):
+        access.check(each.spec.id, each.spec.embargo, _token(request), request.app[TOKENS])
+        if each.spec.embargo:
+            request["private"] = True
     pending = ds.check()
     if pending is not None:  # shielded: a client that leaves must not cancel a check others rely on
         await asyncio.shield(asyncio.wrap_future(pending))
     snap = ds.snapshot
-    if snap.pyramid is None:
-        raise web.HTTPServiceUnavailable(text=f"Dataset {ds.spec.id!r} is unavailable: {ds.public(snap.error or '')}",
-                                         headers={"Retry-After": str(max(1, math.ceil(ds.recheck)))})
-    return ds, snap.pyramid
+    if snap.error is not None:
+        raise _unavailable(ds, f"Dataset {ds.spec.id!r} is unavailable: {ds.public(snap.error)}")
+    return snap
+
+
+def _unavailable(ds: Dataset, message: str) -> web.HTTPServiceUnavailable:
+    """503, to be retried after the next check of the files."""
+    return web.HTTPServiceUnavailable(text=message, headers={"Retry-After": str(max(1, math.ceil(ds.recheck)))})
+
+
+async def _voxels(request: web.Request) -> tuple[Dataset, Pyramid]:
+    """The dataset whose voxels a request reads, and the pyramid of its current snapshot."""
+    ds = _dataset(request)
+    return ds, (await _current(request, ds)).pyramid
+
+
+async def _skeleton_files(request: web.Request) -> tuple[Dataset, SkeletonFiles]:
+    """The skeleton source a request reads, and the files of its current snapshot."""
+    ds = request.app[SKELETONS].get(request.match_info["id"])
+    if ds is None:
+        _dataset(request)  # 404: no dataset, or one that is no skeleton source
+        raise web.HTTPNotFound(text=f"Dataset {request.match_info['id']!r} is no skeleton source: it has no "
+                                    "skeletons")
+    snap = await _current(request, ds)
+    return ds, SkeletonFiles(ds.spec.id, snap.tracings, ds.revision, request.app[CHUNKS])
 
 
 FORWARDED = re.compile(r'(proto|host)="?([^;,"]+)"?', re.I)
@@ -398,14 +438,42 @@ async def dataset_region(request: web.Request) -> web.StreamResponse:
 
 async def dataset_manifest(request: web.Request) -> web.StreamResponse:
     """/ds/{id}/manifest.json[?checksums=sha256]: the source files, streamed file by file."""
-    ds, pyramid = await _voxels(request)
+    ds = _any_dataset(request)
+    snap = await _current(request, ds)
+    paths = snap.tracings.files if snap.tracings is not None else volume_files(snap.pyramid.volume)
     checksum = request.query.get("checksums")
     try:
         digest = checksummer(checksum, request.app[CHUNKS]) if checksum is not None else None
     except ValueError as exc:
         raise web.HTTPBadRequest(text=str(exc)) from None
-    files = await _in_pool(request, lambda: source_files(volume_files(pyramid.volume), ds.root))
+    files = await _in_pool(request, lambda: source_files(paths, ds.root))
     return await _serve(request, Manifest(ds.spec.id, files, checksum, digest))
+
+
+async def skeleton_file(request: web.Request) -> web.StreamResponse:
+    """/ds/{id}/skeletons/{key}: a skeleton source's info, segment properties and skeletons. A
+    neuron whose file is malformed answers 503 naming the file and line (it is there, and a fixed
+    file is served after the next check), never 404."""
+    ds, files = await _skeleton_files(request)
+    key = request.match_info["key"]
+    try:
+        body = files.resource(key)
+    except NoNeuron as exc:
+        raise web.HTTPNotFound(text=str(exc).capitalize()) from None
+    except Unreadable as exc:
+        raise _unavailable(ds, ds.public(str(exc)).capitalize()) from None
+    except ValueError as exc:
+        raise web.HTTPBadRequest(text=str(exc).capitalize()) from None
+    return await _serve(request, body)
+
+
+async def skeleton_volume_info(request: web.Request) -> web.StreamResponse:
+    """/ds/{id}/info: the info of a volume holding a skeleton source's skeletons and no voxels."""
+    ds, files = await _skeleton_files(request)
+    image = ds.space.pyramid
+    if image is None:
+        raise _unavailable(ds, f"Dataset {ds.spec.id!r} is unavailable: its space image {ds.spec.space!r} is")
+    return await _serve(request, files.volume_info(tuple(image.volume.shape[2:])))
 
 
 async def dataset_thumbnail(request: web.Request) -> web.Response:
@@ -424,33 +492,55 @@ def _search(request: web.Request, default_limit: int) -> tuple[list[Dataset], di
                                  else "limit and offset must be whole numbers") from None
     if not (1 <= limit <= MAX_PAGE and offset >= 0):
         raise web.HTTPBadRequest(text=f"limit must be 1 to {MAX_PAGE} and offset 0 or more")
+    everything = {**datasets, **request.app[SKELETONS]}
     ids = request.query.getall("id", [])
-    candidates = [datasets[i] for i in ids if i in datasets] if ids else list(datasets.values())
+    candidates = [everything[i] for i in ids if i in everything] if ids else list(everything.values())
     fields = [(ds, records.searchable(ds)) for ds in candidates]
     found = [(ds, f) for ds, f in fields if ids or search.matches(terms, f)]
     return [ds for ds, _ in found], search.facets([f for _, f in found]), limit, offset, query
 
 
+def _traced_on(request: web.Request, image: Dataset) -> list[Dataset]:
+    """The skeleton sources traced on an image."""
+    return [s for s in request.app[SKELETONS].values() if s.spec.space == image.spec.id]
+
+
+def _shown_with(request: web.Request, image: Dataset) -> list[Dataset]:
+    """The skeleton sources the image's Neuroglancer state shows: open ones this request may read."""
+    return [s for s in _traced_on(request, image) if s.tracings is not None and _may_read(request, s)]
+
+
+def _links(request: web.Request, ds: Dataset) -> dict:
+    """pages.links for this request (runs on the workers)."""
+    return pages.links(ds, _base_url(request), request.app[STATE]["viewer"], _may_read(request, ds),
+                       _shown_with(request, ds))
+
+
 async def list_datasets(request: web.Request) -> web.Response:
     """/api/datasets?q=&limit=&offset= (search) or ?id=A&id=B (retrieve): a page of matches, their
     total and facets."""
-    base, viewer = _base_url(request), request.app[STATE]["viewer"]
+    _base_url(request)  # a malformed Host is a 400 before any work
 
     def answer() -> dict:
         found, facets, limit, offset, _ = _search(request, 100)
-        page = [{**records.summary(ds), "links": pages.links(ds, base, viewer, _may_read(request, ds))}
-                for ds in found[offset:offset + limit]]
+        page = [{**records.summary(ds), "links": _links(request, ds)} for ds in found[offset:offset + limit]]
         return {"total": len(found), "offset": offset, "limit": limit, "datasets": page, "facets": facets}
 
     return _json(await _in_pool(request, answer))
 
 
 async def get_dataset(request: web.Request) -> web.Response:
-    ds = _dataset(request)
-    base, viewer = _base_url(request), request.app[STATE]["viewer"]
+    """/api/datasets/{id}[?q=]: one dataset; an image lists its skeleton sources, a skeleton source
+    its neurons (those matching q, searched like datasets)."""
+    ds = _any_dataset(request)
+    _base_url(request)
+    try:
+        terms = search.parse(request.query.get("q", ""))
+    except search.QueryError as exc:
+        raise web.HTTPBadRequest(text=str(exc)) from None
     reveal = _may_read(request, ds)
-    return _json(await _in_pool(request, lambda: {**records.describe(ds, reveal),
-                                                  "links": pages.links(ds, base, viewer, reveal)}))
+    return _json(await _in_pool(request, lambda: {
+        **records.describe(ds, reveal, _traced_on(request, ds), terms), "links": _links(request, ds)}))
 
 
 def _html(page: str) -> web.Response:
@@ -465,18 +555,18 @@ async def index(request: web.Request) -> web.Response:
     def render() -> str:
         found, facets, limit, offset, query = _search(request, INDEX_PAGE)
         shown = found[offset:offset + limit]
-        readable = {ds.spec.id for ds in shown if _may_read(request, ds)}
-        return pages.index_html(shown, len(found), offset, limit, facets, query, base, request.app[STATE]["viewer"],
-                                readable)
+        rows = {ds.spec.id: (_may_read(request, ds), _links(request, ds)) for ds in shown}
+        return pages.index_html(shown, len(found), offset, limit, facets, query, base, rows)
 
     return _html(await _in_pool(request, render))
 
 
 async def landing(request: web.Request) -> web.Response:
-    """/ds/{id}/: a dataset's page for people."""
-    ds = _dataset(request)
-    base, viewer = _base_url(request), request.app[STATE]["viewer"]
-    return _html(await _in_pool(request, pages.landing_html, ds, base, viewer, _may_read(request, ds)))
+    """/ds/{id}/: a dataset's (or a skeleton source's) page for people."""
+    ds = _any_dataset(request)
+    base = _base_url(request)
+    return _html(await _in_pool(request, lambda: pages.landing_html(
+        ds, base, _may_read(request, ds), _links(request, ds), _traced_on(request, ds))))
 
 
 def _navigating(request: web.Request) -> bool:
@@ -564,20 +654,22 @@ async def _expect(request: web.Request) -> web.Response | None:
 def create_app(datasets: dict[str, Dataset], cache: Cache, workers: Workers,
                viewer: str = pages.DEFAULT_VIEWER, tokens: Tokens | None = None,
                max_region: int = 2**30, public_url: str | None = None,
-               trust_forwarded: bool = False) -> web.Application:
+               trust_forwarded: bool = False, skeletons: dict[str, Dataset] | None = None) -> web.Application:
     """The app over datasets opened with this cache and these workers (handed to them too).
     Every route also answers under /token/TOKEN/, for clients that cannot send headers."""
     app = web.Application(middlewares=[observed, errors_and_preflights])
     app.on_response_prepare.append(_cors)
     app[DATASETS], app[CACHE], app[CHUNKS], app[WORKERS] = datasets, cache, cache.section("chunks"), workers
+    app[SKELETONS] = skeletons or {}
     app[TOKENS] = tokens or Tokens()
     app[STATE] = {"queued": 0, "max_queued": workers.threads * 256, "viewer": viewer, "max_region": max_region,
                   "public_url": public_url.rstrip("/") if public_url else None, "trust_forwarded": trust_forwarded}
-    app[METRICS] = Metrics(cache, workers.meter, datasets, lambda: app[STATE]["queued"])
+    app[METRICS] = Metrics(cache, workers.meter, {**datasets, **app[SKELETONS]}, lambda: app[STATE]["queued"])
     routes = [("/", index), ("/healthz", healthz), ("/metrics", metrics), ("/api/datasets", list_datasets),
               ("/api/openapi.json", openapi_document),
               ("/api/datasets/{id}", get_dataset), ("/ds/{id}/thumbnail.png", dataset_thumbnail),
-              ("/ds/{id}/region", dataset_region), ("/ds/{id}/manifest.json", dataset_manifest)]
+              ("/ds/{id}/region", dataset_region), ("/ds/{id}/manifest.json", dataset_manifest),
+              ("/ds/{id}/info", skeleton_volume_info), ("/ds/{id}/skeletons/{key:.+}", skeleton_file)]
     routes += [("/ds/{id}", landing), ("/ds/{id}/", landing)]
     for selector in ("", r"/t/{t:\d+}", r"/c/{c:\d+}", r"/t/{t:\d+}/c/{c:\d+}"):
         root = f"/ds/{{id}}{selector}/{VIEW}"

@@ -15,6 +15,7 @@ from .tiff import TiffFileReader
 from .zarr_source import ZarrReader, is_zarr
 
 TIFF_MAGIC = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")
+SWC = ".swc"
 
 
 def _is_tiff_file(path: Path) -> bool:
@@ -44,6 +45,9 @@ REGISTRY: list[tuple[str, Callable[[Path], bool], Callable[[Path, Section | None
 
 def _contents(p: Path) -> str:
     """A short account of what a path holds, for the message that says it is not a source."""
+    if p.suffix.lower() == SWC or (p.is_dir() and any(c.suffix.lower() == SWC for c in p.iterdir())):
+        return ("SWC tracings, which are served as a skeleton source: a catalog entry with kind = \"skeletons\" "
+                "and space = the id of the image they were traced in")
     if p.is_file():
         with open(p, "rb") as f:
             head = f.read(8)
