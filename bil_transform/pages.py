@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 import json
 import urllib.parse
+from collections.abc import Mapping, Sequence
 
 from . import records
 from .dataset import Dataset
@@ -17,16 +18,22 @@ CHANNEL_SHADER = """#uicontrol invlerp normalized
 void main() {{ emitRGB(color * normalized()); }}
 """
 MAX_LAYERS = 8
+# Neurons' colours in the viewer: bright and far apart on black and on grey tissue
+NEURON_COLORS = ("#ff4040", "#40ff40", "#4080ff", "#ffff40", "#ff40ff", "#40ffff", "#ff9020", "#b060ff")
 SUFFIXED = ("zarr", "zarr3", "zarr3-sharded")  # zarr views that links also give as ID[.VIEW].ome.zarr
 
 
-def links(ds: Dataset, base: str, viewer: str = DEFAULT_VIEWER, reveal: bool = True) -> dict:
+def links(ds: Dataset, base: str, viewer: str = DEFAULT_VIEWER, reveal: bool = True,
+          skeletons: Sequence[Dataset] = ()) -> dict:
     """Every URL a client may want for this dataset (the `links` of /api/datasets). Without
     `reveal` (an embargoed dataset, no token) the thumbnail and the Neuroglancer state, which
-    carry what is computed from the voxels, are left out; the URLs answer 401 until a token comes."""
+    carry what is computed from the voxels, are left out; the URLs answer 401 until a token comes.
+    `skeletons`: the open skeleton sources the image's Neuroglancer state shows with it."""
     root = f"{base}/ds/{ds.spec.id}"
     out = {"self": f"{base}/api/datasets/{ds.spec.id}"}
     snap = ds.snapshot  # one version throughout, though a reopen may swap it meanwhile
+    if ds.spec.kind == "skeletons":
+        return {**out, **_skeleton_links(ds, base, viewer, reveal)}
     if snap.pyramid is None:
         return out
     out.update({view: f"{root}/{view}" for view in ("zarr", "zarr3", "zarr3-sharded", "precomputed",
@@ -42,13 +49,28 @@ def links(ds: Dataset, base: str, viewer: str = DEFAULT_VIEWER, reveal: bool = T
         out["precomputed_channels"] = [f"{root}/c/{i}/precomputed" for i in range(c)]
     if t > 1:
         out["precomputed_timepoints"] = [f"{root}/t/{i}/precomputed" for i in range(t)]
+    if skeletons:
+        out["skeletons"] = {s.spec.id: f"precomputed://{base}/ds/{s.spec.id}/skeletons" for s in skeletons}
     if reveal:
-        out["neuroglancer"] = neuroglancer_url(ds, base, viewer)
+        out["neuroglancer"] = neuroglancer_url(ds, base, viewer, skeletons)
     return out
 
 
-def neuroglancer_state(ds: Dataset, base: str) -> dict:
-    """Layers pointing at this server: one per channel (coloured, additive) for multi-channel images."""
+def _skeleton_links(source: Dataset, base: str, viewer: str, reveal: bool) -> dict:
+    """A skeleton source's URLs: its skeletons, the volume cloud-volume opens, its original files,
+    its image, and (to those who may see them) the image in Neuroglancer with these neurons on it."""
+    root = f"{base}/ds/{source.spec.id}"
+    out = {"skeletons": f"precomputed://{root}/skeletons", "precomputed": f"precomputed://{root}",
+           "manifest": f"{root}/manifest.json", "space": f"{base}/api/datasets/{source.spec.space}"}
+    image = source.space
+    if reveal and source.tracings is not None and image is not None and image.pyramid is not None:
+        out["neuroglancer"] = neuroglancer_url(image, base, viewer, [source])
+    return out
+
+
+def neuroglancer_state(ds: Dataset, base: str, skeletons: Sequence[Dataset] = ()) -> dict:
+    """Layers pointing at this server: one per channel (coloured, additive) for multi-channel images;
+    over them the attached labels, and each skeleton source with all its neurons shown."""
     pyramid = ds.pyramid
     vol = pyramid.volume
     root = f"precomputed://{base}/ds/{ds.spec.id}"
@@ -65,11 +87,21 @@ def neuroglancer_state(ds: Dataset, base: str) -> dict:
     # attached labels, over the image: the OME-Zarr label groups place each on its image level
     layers += [{"type": "segmentation", "source": f"zarr://{base}/ds/{ds.spec.id}/zarr/labels/{name}/", "name": name}
                for name in ds.spec.labels]
+    layers += [skeleton_layer(source, base) for source in skeletons if source.tracings is not None]
     return {"layers": layers, "layout": "4panel"}
 
 
-def neuroglancer_url(ds: Dataset, base: str, viewer: str = DEFAULT_VIEWER) -> str:
-    state = json.dumps(neuroglancer_state(ds, base), separators=(",", ":"))
+def skeleton_layer(source: Dataset, base: str) -> dict:
+    """A segmentation layer of a skeleton source's skeletons, every served neuron shown in a
+    colour of its own (in segment id order, so a neuron keeps its colour across links)."""
+    segids = sorted(t.segid for t in source.tracings.neurons if t.error is None)
+    return {"type": "segmentation", "source": f"precomputed://{base}/ds/{source.spec.id}/skeletons",
+            "name": source.spec.id, "segments": [str(i) for i in segids],
+            "segmentColors": {str(i): NEURON_COLORS[n % len(NEURON_COLORS)] for n, i in enumerate(segids)}}
+
+
+def neuroglancer_url(ds: Dataset, base: str, viewer: str = DEFAULT_VIEWER, skeletons: Sequence[Dataset] = ()) -> str:
+    state = json.dumps(neuroglancer_state(ds, base, skeletons), separators=(",", ":"))
     return f"{viewer}#!{urllib.parse.quote(state, safe='')}"
 
 
@@ -98,20 +130,27 @@ def _facts(ds: Dataset) -> str:
 
 
 def index_html(found: list[Dataset], total: int, offset: int, limit: int, facets: dict, query: str, base: str,
-               viewer: str, readable: set[str]) -> str:
+               shown: Mapping[str, tuple[bool, dict]]) -> str:
     """One page of the catalog (a search's matches), with the search box, the facets of all matches
-    and links to each dataset's landing page. Datasets not in `readable` show no thumbnail."""
+    and links to each dataset's landing page. `shown`: for each dataset, whether this request may
+    read it (else it shows no thumbnail) and its links."""
     e, q = html.escape, urllib.parse.quote_plus
     rows = []
     for ds in found:
         landing = f"{base}/ds/{ds.spec.id}/"
         title = e(ds.spec.metadata.get("title", ""))
-        if ds.pyramid is None:
+        if ds.error is not None:
             rows.append(f"<tr><td></td><td><a href='{e(landing)}'><b>{e(ds.spec.id)}</b></a><br>{title}</td>"
                         f"<td class=err>unavailable: {e(ds.public(ds.error or ''))}</td></tr>")
             continue
-        reveal = ds.spec.id in readable
-        link = links(ds, base, viewer, reveal)
+        reveal, link = shown[ds.spec.id]
+        if ds.tracings is not None:
+            viewer_link = f"<a href='{e(link['neuroglancer'])}'>open on its brain in Neuroglancer</a><br>" \
+                if "neuroglancer" in link else ""
+            rows.append(f"<tr><td>{'under embargo' if not reveal else ''}</td><td><a href='{e(landing)}'>"
+                        f"<b>{e(ds.spec.id)}</b></a><br>{title}</td><td>{_tracing_facts(ds, base)}</td>"
+                        f"<td>{viewer_link}<code>{e(link['skeletons'])}</code></td></tr>")
+            continue
         picture = (f"<img src='{e(link['thumbnail'])}' loading=lazy alt='' width=96>" if reveal
                    else "under embargo" if ds.spec.embargo else "")
         viewer_link = f"<a href='{e(link['neuroglancer'])}'>open in Neuroglancer</a><br>" if reveal else ""
@@ -139,26 +178,43 @@ def index_html(found: list[Dataset], total: int, offset: int, limit: int, facets
         "<table>" + "".join(rows) + "</table>"))
 
 
+def _tracing_facts(source: Dataset, base: str) -> str:
+    """How many neurons, on which image, in one line of HTML."""
+    neurons = source.tracings.neurons
+    bad = sum(t.error is not None for t in neurons)
+    served = len(neurons) - bad
+    return (f"{served} traced neuron{'s' if served != 1 else ''} (SWC) on "
+            f"<a href='{html.escape(base)}/ds/{html.escape(source.spec.space)}/'>{html.escape(source.spec.space)}</a>"
+            + (f"; <span class=err>{bad} unavailable</span>" if bad else ""))
+
+
 def _quoted(value: str) -> str:
     return f'"{value}"' if " " in value else value
 
 
-def landing_html(ds: Dataset, base: str, viewer: str, reveal: bool) -> str:
-    """A dataset's page for people: what it is, and for each view its URL and the line that opens it."""
+def landing_html(ds: Dataset, base: str, reveal: bool, link: dict, traced: Sequence[Dataset] = ()) -> str:
+    """A dataset's page for people: what it is, and for each view its URL and the line that opens it;
+    the skeleton sources traced on an image, or a skeleton source's neurons."""
     e = html.escape
     root = f"{base}/ds/{ds.spec.id}"
     meta = "".join(f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in ds.spec.metadata.items())
     head = f"<h1>{e(ds.spec.id)}</h1><p>{e(ds.spec.metadata.get('title', ''))}</p>"
-    if ds.pyramid is None:
+    foot = (f"<p>JSON: <a href='{e(link['self'])}'>{e(link['self'])}</a> &middot; "
+            f"<a href='{e(base)}/'>all datasets</a></p>")
+    if ds.error is not None:
         return _page(ds.spec.id, head + f"<p class=err>unavailable: {e(ds.public(ds.error or ''))}</p>"
-                     f"<table>{meta}</table>")
-    link = links(ds, base, viewer, reveal)
-    picture = f"<img src='{e(link['thumbnail'])}' alt='' width=256>" if reveal else (
-        "<p>Under embargo: its voxels need a token.</p>" if ds.spec.embargo else "")
+                     f"<table>{meta}</table>{foot}")
 
     def line(label: str, text: str) -> str:
         return f"<tr><th>{label}</th><td><code>{e(text)}</code> {COPY}</td></tr>"
 
+    viewer_link = (f"<p><a href='{e(link['neuroglancer'])}'>open in Neuroglancer</a></p>"
+                   if "neuroglancer" in link else "")
+    if ds.tracings is not None:
+        return _page(ds.spec.id, head + _tracings_html(ds, base, reveal, link, line, viewer_link)
+                     + f"<table>{meta}</table>{foot}")
+    picture = f"<img src='{e(link['thumbnail'])}' alt='' width=256>" if reveal else (
+        "<p>Under embargo: its voxels need a token.</p>" if ds.spec.embargo else "")
     # napari-ome-zarr claims only paths ending in .zarr: the bare /zarr view is "no compatible reader"
     ways = [line("napari", f"napari --plugin napari-ome-zarr {link['zarr_suffixed']}"),
             line("zarr-python", f"import zarr; level0 = zarr.open_group('{root}/zarr', mode='r')['0']"),
@@ -167,12 +223,42 @@ def landing_html(ds: Dataset, base: str, viewer: str, reveal: bool) -> str:
             line("Python client", f"from bil_transform.client import open_dataset; ds = open_dataset('{root}')"),
             line("Neuroglancer", f"precomputed://{root}/precomputed")]
     if "neuroglancer" in link:
-        ways.append(f"<tr><th></th><td><a href='{e(link['neuroglancer'])}'>open in Neuroglancer</a></td></tr>")
+        ways.append(f"<tr><th></th><td><a href='{e(link['neuroglancer'])}'>open in Neuroglancer</a>"
+                    + (" (with its traced neurons)" if "skeletons" in link else "") + "</td></tr>")
     views = "".join(line(view, link[view]) for view in ("zarr", "zarr3", "zarr3-sharded", "precomputed",
                                                           "precomputed-sharded"))
     views += "".join(line(f"{view}, named .zarr", link[f"{view}_suffixed"]) for view in SUFFIXED)
+    tracings = "".join(
+        f"<tr><td><a href='{e(base)}/ds/{e(s.spec.id)}/'><b>{e(s.spec.id)}</b></a> "
+        f"{e(s.spec.metadata.get('title', ''))}</td><td>"
+        + (f"<span class=err>unavailable: {e(s.public(s.error))}</span>" if s.error is not None
+           else _tracing_facts(s, base)) + "</td></tr>" for s in traced)
     return _page(ds.spec.id, (
         f"{head}{picture}<p>{_facts(ds)}</p><table>{meta}</table>"
         f"<h2>Open it</h2><table>{''.join(ways)}</table><h2>Views</h2><table>{views}</table>"
-        f"<p>JSON: <a href='{e(link['self'])}'>{e(link['self'])}</a> &middot; "
-        f"<a href='{e(base)}/'>all datasets</a></p>"))
+        + (f"<h2>Traced neurons</h2><table>{tracings}</table>" if traced else "") + foot))
+
+
+def _tracings_html(source: Dataset, base: str, reveal: bool, link: dict, line, viewer_link: str) -> str:
+    """A skeleton source's part of its page: how to open it, and its neurons (to those who may see them)."""
+    e = html.escape
+    ways = (line("Neuroglancer", link["skeletons"]) + line("cloud-volume", (
+        f"from cloudvolume import CloudVolume; skeleton = CloudVolume('{link['precomputed']}').skeleton.get(SEGID)"))
+        + line("original SWC files", link["manifest"]))
+    parts = [f"<p>{_tracing_facts(source, base)}</p>", viewer_link, f"<h2>Open it</h2><table>{ways}</table>"]
+    if not reveal:
+        parts.append("<p>Under embargo: its neurons need a token.</p>")
+        return "".join(parts)
+    rows = []
+    for t in source.tracings.neurons:
+        if t.error is not None:
+            rows.append(f"<tr><td>{e(t.name)}</td><td>{t.segid}</td><td>{e(t.file)}</td>"
+                        f"<td colspan=3 class=err>unavailable: {e(source.public(t.error))}</td></tr>")
+            continue
+        m = t.measures
+        soma = ", ".join(f"{v:.1f}" for v in m.soma)
+        rows.append(f"<tr><td>{e(t.name)}</td><td>{t.segid}</td><td>{e(t.file)}</td><td>{m.nodes}</td>"
+                    f"<td>{m.cable_length:.1f}</td><td>{soma}</td></tr>")
+    parts.append("<h2>Neurons</h2><table><tr><th>identifier</th><th>segment</th><th>file</th><th>nodes</th>"
+                 "<th>cable (&micro;m)</th><th>soma x, y, z (&micro;m)</th></tr>" + "".join(rows) + "</table>")
+    return "".join(parts)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from . import search
 from .dataset import Dataset, Snapshot
+from .tracings import Traced
 from .writers import default_encoding, precomputed_encodings, served_dtype
 from .writers.codecs import COMPRESSORS
 
@@ -22,9 +23,15 @@ def summary(ds: Dataset, snap: Snapshot | None = None) -> dict:
     """What the catalog and the reader know without reading voxels."""
     spec, snap = ds.spec, snap or ds.snapshot
     doc: dict = {"id": spec.id, **spec.metadata, "kind": spec.kind, "embargo": spec.embargo}
+    if spec.kind == "skeletons":
+        doc.update(space=spec.space, units=spec.units, offset=list(spec.offset))
+    if snap.error is not None:
+        return {**doc, "status": "error", "error": ds.public(snap.error)}
+    if snap.tracings is not None:
+        bad = sum(t.error is not None for t in snap.tracings.neurons)
+        return {**doc, "status": "ok", "format": "swc", "neuron_count": len(snap.tracings.neurons) - bad,
+                "unavailable_neurons": bad}
     pyramid = snap.pyramid
-    if pyramid is None:
-        return {**doc, "status": "error", "error": ds.public(snap.error or "")}
     vol = pyramid.volume
     served = served_dtype(vol.dtype, vol.kind)
     return {
@@ -52,14 +59,40 @@ def summary(ds: Dataset, snap: Snapshot | None = None) -> dict:
     }
 
 
-def describe(ds: Dataset, reveal: bool = True) -> dict:
+def describe(ds: Dataset, reveal: bool = True, skeletons: list[Dataset] = (),
+             terms: list[tuple[str | None, str]] = ()) -> dict:
     """The summary plus channels; with `reveal`, their display windows too (which may read one
-    plane to estimate contrast, so an embargoed dataset shows them only to a token holder)."""
+    plane to estimate contrast, so an embargoed dataset shows them only to a token holder). An
+    image lists the skeleton sources traced on it; a skeleton source, with `reveal`, its neurons
+    that match the search `terms`."""
     snap = ds.snapshot
     doc, pyramid = summary(ds, snap), snap.pyramid
+    if skeletons:
+        doc["skeletons"] = [summary(s) for s in skeletons]
+    if snap.tracings is not None and reveal:
+        listed = [(t, neuron_fields(ds, t)) for t in snap.tracings.neurons]
+        doc["neurons"] = [neuron(ds, t) for t, fields in listed if search.matches(list(terms), fields)]
     if pyramid is not None:
         doc["channels"] = [
             {"name": ch.name, "color": ch.color, **({"window": list(pyramid.display_window(c))} if reveal else {})}
             for c, ch in enumerate(pyramid.volume.channels)
         ]
     return doc
+
+
+def neuron(ds: Dataset, traced: Traced) -> dict:
+    """One neuron of a skeleton source: its names, its file, its measures and its SWC header (in
+    micrometres of the image's OME-Zarr frame), or why it is unavailable."""
+    doc: dict = {"id": traced.name, "segid": traced.segid, "file": traced.file}
+    if traced.error is not None:
+        return {**doc, "status": "error", "error": ds.public(traced.error)}
+    m = traced.measures
+    return {**doc, "status": "ok", "nodes": m.nodes, "cable_um": round(m.cable_length, 3),
+            "soma_um": [round(v, 3) for v in m.soma], "header": dict(traced.header)}
+
+
+def neuron_fields(ds: Dataset, traced: Traced) -> dict[str, str]:
+    """What a neuron can be searched by: the source's catalog metadata, then its SWC header (so a
+    file's own SOMA_REGION wins over the catalog's), its names and its file."""
+    return {**ds.spec.metadata, **dict(traced.header), "id": traced.name, "segid": str(traced.segid),
+            "file": traced.file}
