@@ -3,6 +3,7 @@ one snapshot so a document never mixes two versions."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from . import search
@@ -59,8 +60,8 @@ def summary(ds: Dataset, snap: Snapshot | None = None) -> dict:
     }
 
 
-def describe(ds: Dataset, reveal: bool = True, skeletons: list[Dataset] = (),
-             terms: list[tuple[str | None, str]] = ()) -> dict:
+def describe(ds: Dataset, reveal: bool = True, skeletons: Sequence[Dataset] = (),
+             terms: Sequence[tuple[str | None, str]] = ()) -> dict:
     """The summary plus channels; with `reveal`, their display windows too (which may read one
     plane to estimate contrast, so an embargoed dataset shows them only to a token holder). An
     image lists the skeleton sources traced on it; a skeleton source, with `reveal`, its neurons

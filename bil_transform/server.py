@@ -459,21 +459,17 @@ async def skeleton_file(request: web.Request) -> web.StreamResponse:
     try:
         body = files.resource(key)
     except NoNeuron as exc:
-        raise web.HTTPNotFound(text=str(exc).capitalize()) from None
+        raise web.HTTPNotFound(text=str(exc)) from None
     except Unreadable as exc:
-        raise _unavailable(ds, ds.public(str(exc)).capitalize()) from None
+        raise _unavailable(ds, ds.public(str(exc))) from None
     except ValueError as exc:
-        raise web.HTTPBadRequest(text=str(exc).capitalize()) from None
+        raise web.HTTPBadRequest(text=str(exc)) from None
     return await _serve(request, body)
 
 
 async def skeleton_volume_info(request: web.Request) -> web.StreamResponse:
     """/ds/{id}/info: the info of a volume holding a skeleton source's skeletons and no voxels."""
-    ds, files = await _skeleton_files(request)
-    image = ds.space.pyramid
-    if image is None:
-        raise _unavailable(ds, f"Dataset {ds.spec.id!r} is unavailable: its space image {ds.spec.space!r} is")
-    return await _serve(request, files.volume_info(tuple(image.volume.shape[2:])))
+    return await _serve(request, (await _skeleton_files(request))[1].volume_info())
 
 
 async def dataset_thumbnail(request: web.Request) -> web.Response:

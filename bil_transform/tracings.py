@@ -36,10 +36,12 @@ PREFIX = "swc-"  # every neuron's identifier starts so, as the archive's own do
 
 @dataclass(frozen=True)
 class Frame:
-    """Where the space image's level 0 lies: its voxel size and the centre of voxel 0, z y x um."""
+    """Where the space image's level 0 lies: its voxel size and the centre of voxel 0 (z y x um),
+    and its shape (z y x voxels)."""
 
     voxel_size: tuple[float, float, float]
     origin: tuple[float, float, float]
+    shape: tuple[int, int, int]
 
 
 @dataclass(frozen=True)
@@ -83,7 +85,7 @@ class Tracings:
 
 
 def frame_of(volume) -> Frame:
-    return Frame(tuple(volume.voxel_size), tuple(volume.origin))
+    return Frame(tuple(volume.voxel_size), tuple(volume.origin), tuple(volume.shape[2:]))
 
 
 def physical(tracing: Tracing, spec: DatasetSpec, frame: Frame) -> tuple[np.ndarray, np.ndarray]:

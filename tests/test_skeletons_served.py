@@ -762,7 +762,7 @@ def test_a_reopen_reads_again_only_the_files_that_changed(tmp_path, monkeypatch)
     for i in range(5):
         write_swc(directory / f"n{i}.swc", make_neuron(i, (10.0, 50.0), 2.0))
     spec = DatasetSpec(id="many", path=str(directory), kind="skeletons", space="brain")
-    frame = tracings.Frame((2.0, 0.5, 0.5), (0.0, 0.0, 0.0))
+    frame = tracings.Frame((2.0, 0.5, 0.5), (0.0, 0.0, 0.0), (8, 64, 64))
     first = tracings.open_tracings(spec, frame)
     read = []
     monkeypatch.setattr(tracings, "read_swc", lambda path: read.append(Path(path).name) or _real_read(path))
@@ -775,7 +775,7 @@ def test_a_reopen_reads_again_only_the_files_that_changed(tmp_path, monkeypatch)
     assert [t.name for t in changed.neurons] == [t.name for t in first.neurons]
     assert changed.neurons[3].measures != first.neurons[3].measures
     assert changed.neurons[:3] == first.neurons[:3] and changed.neurons[4] == first.neurons[4]
-    tracings.open_tracings(spec, tracings.Frame((1.0, 0.5, 0.5), (0.0, 0.0, 0.0)), changed)
+    tracings.open_tracings(spec, tracings.Frame((1.0, 0.5, 0.5), (0.0, 0.0, 0.0), (8, 64, 64)), changed)
     assert len(read) == 6  # another frame: every file placed again
 
 

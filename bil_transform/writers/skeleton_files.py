@@ -27,7 +27,7 @@ class NoNeuron(LookupError):
     """A key names no neuron of the source."""
 
 
-def volume_info(frame: Frame, shape_zyx: tuple[int, int, int]) -> dict:
+def volume_info(frame: Frame) -> dict:
     """A segmentation volume over the space image's level-0 grid that holds no voxels, only the
     skeletons and their properties: the layout igneous and cloud-volume give skeleton-only layers,
     so `CloudVolume(".../ds/ID").skeleton.get(segid)` and Neuroglancer both read it."""
@@ -36,7 +36,7 @@ def volume_info(frame: Frame, shape_zyx: tuple[int, int, int]) -> dict:
         "type": "segmentation",
         "data_type": "uint64",
         "num_channels": 1,
-        "scales": [{"key": NO_VOXELS, "size": list(shape_zyx[::-1]),
+        "scales": [{"key": NO_VOXELS, "size": list(frame.shape[::-1]),
                     "resolution": [v * NM_PER_UM for v in frame.voxel_size[::-1]],
                     "voxel_offset": [0, 0, 0], "chunk_sizes": [[64, 64, 64]], "encoding": "raw"}],
         "skeletons": SKELETONS,
@@ -60,10 +60,10 @@ class SkeletonFiles:
     def __init__(self, ident: str, tracings: Tracings, revision: str, cache: Section):
         self.ident, self.tracings, self.revision, self.cache = ident, tracings, revision, cache
 
-    def volume_info(self, shape_zyx: tuple[int, int, int]) -> Resource:
+    def volume_info(self) -> Resource:
         frame = self.tracings.frame
-        return Resource((self.ident, "volume-info", frame, shape_zyx, self.revision),
-                        lambda: to_json(volume_info(frame, shape_zyx)), JSON, self.cache, compressible=True)
+        return Resource((self.ident, "volume-info", frame, self.revision), lambda: to_json(volume_info(frame)), JSON,
+                        self.cache, compressible=True)
 
     def resource(self, key: str) -> Resource:
         """The body of `key` (relative to the skeletons' directory). Raises NoNeuron for a key that
@@ -77,10 +77,10 @@ class SkeletonFiles:
             return Resource((self.ident, "segment_properties", tracings.version, tracings.frame, self.revision),
                             lambda: to_json(properties(tracings)), JSON, self.cache, compressible=True)
         if not key.isdigit() or key.startswith("0"):
-            raise ValueError(f"a skeleton's key is its segment id, a whole number from 1; got {key!r}")
+            raise ValueError(f"A skeleton's key is its segment id, a whole number from 1; got {key!r}")
         traced = tracings.by_segid(int(key))
         if traced is None:
-            raise NoNeuron(f"no neuron with segment id {key} in {self.ident!r}")
+            raise NoNeuron(f"No neuron with segment id {key} in {self.ident!r}")
         if traced.error is not None:
             raise Unreadable(traced)
 
@@ -96,5 +96,5 @@ class Unreadable(Exception):
     """A neuron whose SWC file is malformed: its one sentence names the file and the line."""
 
     def __init__(self, traced: Traced):
-        super().__init__(f"neuron {traced.name} (segment {traced.segid}) is unavailable: {traced.error}")
+        super().__init__(f"Neuron {traced.name} (segment {traced.segid}) is unavailable: {traced.error}")
         self.traced = traced
