@@ -1,10 +1,13 @@
-"""Independent numpy references for the pyramid: written from the definition, not from the server's code.
+"""Independent numpy references for the pyramid and the precomputed skeleton format: written from the
+definitions, not from the server's code.
 
 A level-L voxel is the reduction of the level-(L-1) window it covers; windows at the far edge
 hold only the voxels that exist. Integer means round half up.
 """
 
 from __future__ import annotations
+
+import struct
 
 import numpy as np
 
@@ -67,3 +70,21 @@ def compressed_morton(cell: tuple[int, ...], grid: tuple[int, ...]) -> int:
                 out += 1
         i += 1
     return code
+
+
+def parse_skeleton(data: bytes, attributes: list[dict]) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """An independent reader of the body: the layout of skeletons.md, every byte accounted for."""
+    n, m = struct.unpack_from("<II", data, 0)
+    offset = 8
+    vertices = np.frombuffer(data, "<f4", 3 * n, offset).reshape(n, 3)
+    offset += 12 * n
+    edges = np.frombuffer(data, "<u4", 2 * m, offset).reshape(m, 2)
+    offset += 8 * m
+    values = {}
+    for attr in attributes:
+        dtype = np.dtype(attr["data_type"]).newbyteorder("<")
+        count = n * attr["num_components"]
+        values[attr["id"]] = np.frombuffer(data, dtype, count, offset)
+        offset += count * dtype.itemsize
+    assert offset == len(data), "the body has bytes the info does not describe"
+    return vertices, edges, values

@@ -7,12 +7,12 @@ from __future__ import annotations
 import json
 import math
 import re
-import struct
 
 import neuroglancer
 import numpy as np
 import pytest
 from cloudvolume import CloudVolume, Skeleton
+from reference import parse_skeleton
 
 from bil_transform.writers import skeletons
 
@@ -73,24 +73,6 @@ def _neurons() -> list[skeletons.Neuron]:
     ]
 
 
-def _parse(data: bytes, attributes: list[dict]) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
-    """An independent reader of the body: the layout of skeletons.md, every byte accounted for."""
-    n, m = struct.unpack_from("<II", data, 0)
-    offset = 8
-    vertices = np.frombuffer(data, "<f4", 3 * n, offset).reshape(n, 3)
-    offset += 12 * n
-    edges = np.frombuffer(data, "<u4", 2 * m, offset).reshape(m, 2)
-    offset += 8 * m
-    values = {}
-    for attr in attributes:
-        dtype = np.dtype(attr["data_type"]).newbyteorder("<")
-        count = n * attr["num_components"]
-        values[attr["id"]] = np.frombuffer(data, dtype, count, offset)
-        offset += count * dtype.itemsize
-    assert offset == len(data), "the body has bytes the info does not describe"
-    return vertices, edges, values
-
-
 def _expected_nm(a: np.ndarray) -> np.ndarray:
     """Three-decimal micrometres are whole nanometres, exact in float32 below 2**24 nm."""
     return np.round(np.asarray(a, dtype=np.float64) * 1000).astype(np.float32)
@@ -105,7 +87,7 @@ def test_body_read_by_own_parser_cloudvolume_and_neuroglancer(which):
     assert len(data) == 8 + 12 * n + 8 * m + 4 * n + 4 * n
 
     # (b) this file's parser
-    vertices, edges, attrs = _parse(data, info["vertex_attributes"])
+    vertices, edges, attrs = parse_skeleton(data, info["vertex_attributes"])
     np.testing.assert_array_equal(vertices, _expected_nm(neuron.vertices))
     np.testing.assert_array_equal(edges, neuron.edges)
     np.testing.assert_array_equal(attrs["radius"], _expected_nm(neuron.radius))

@@ -13,7 +13,6 @@ import hashlib
 import json
 import math
 import re
-import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ import requests
 import tifffile
 from cloudvolume import CloudVolume
 from conftest import Server
+from reference import parse_skeleton
 
 TOKEN = "secret-token-1"
 BEARER = {"Authorization": f"Bearer {TOKEN}"}
@@ -148,23 +148,6 @@ def place(nrn: Swc, units: str, offset_zyx, voxel_zyx) -> Placed:
 
 
 # --- the test's own reader of the precomputed skeleton body ---------------------------------------------
-
-def parse_body(data: bytes, attributes: list[dict]) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
-    n, m = struct.unpack_from("<II", data, 0)
-    offset = 8
-    vertices = np.frombuffer(data, "<f4", 3 * n, offset).reshape(n, 3)
-    offset += 12 * n
-    edges = np.frombuffer(data, "<u4", 2 * m, offset).reshape(m, 2)
-    offset += 8 * m
-    values = {}
-    for attr in attributes:
-        dtype = np.dtype(attr["data_type"]).newbyteorder("<")
-        count = n * attr["num_components"]
-        values[attr["id"]] = np.frombuffer(data, dtype, count, offset)
-        offset += count * dtype.itemsize
-    assert offset == len(data), "the body has bytes the info does not describe"
-    return vertices, edges, values
-
 
 def sorted_rows(a: np.ndarray) -> np.ndarray:
     a = np.asarray(a, np.int64).reshape(-1, 2)
@@ -389,7 +372,7 @@ def test_served_skeletons_equal_the_placed_swc(world, ident):
         assert r.status_code == 200, r.text
         n, m = len(want.vertices_nm), len(want.edges)
         assert len(r.content) == 8 + 12 * n + 8 * m + 4 * n * len(attributes)
-        vertices, edges, attrs = parse_body(r.content, attributes)
+        vertices, edges, attrs = parse_skeleton(r.content, attributes)
         check_skeleton(vertices, edges, attrs["radius"], attrs["vertex_types"], want)  # vertices in file order
 
         # cloud-volume, reading /ds/ID/info and skeletons/info itself
@@ -408,7 +391,7 @@ def test_voxel_and_micrometer_units_differ_by_the_rule(world):
         source = world.sources[ident]
         segid = _by_file(world, ident)[name]["segid"]
         body = requests.get(world.server.url(f"/ds/{ident}/skeletons/{segid}")).content
-        vertices, _, values = parse_body(body, attrs)
+        vertices, _, values = parse_skeleton(body, attrs)
         nrn = parse_swc(source.root / name)
         off = np.array(source.offset[::-1])
         if source.units == "voxel":
@@ -512,7 +495,7 @@ def test_malformed_files_answer_503_with_file_and_line_and_the_rest_is_served(wo
     attrs = _skeleton_info(world, "broken")["vertex_attributes"]
     r = requests.get(world.server.url(f"/ds/broken/skeletons/{ok['segid']}"))
     assert r.status_code == 200
-    vertices, edges, values = parse_body(r.content, attrs)
+    vertices, edges, values = parse_skeleton(r.content, attrs)
     check_skeleton(vertices, edges, values["radius"], values["vertex_types"], _expected(world.sources["broken"],
                                                                                        "ok.swc"))
 
@@ -554,7 +537,7 @@ def test_a_skeleton_source_of_an_embargoed_image_needs_a_token(world):
     # with the token: the right skeleton
     source = world.sources["closed_tracings"]
     attrs = _skeleton_info(world, "closed_tracings", BEARER)["vertex_attributes"]
-    vertices, edges, values = parse_body(tagged.content, attrs)
+    vertices, edges, values = parse_skeleton(tagged.content, attrs)
     check_skeleton(vertices, edges, values["radius"], values["vertex_types"], _expected(source, "secret.swc"))
     # the API without a token: the source's catalog entry, never its neurons
     public = _api(world, "closed_tracings")
@@ -706,7 +689,7 @@ def test_a_rewritten_swc_file_is_served_fresh(world):
     attrs = _skeleton_info(world, "live")["vertex_attributes"]
     old = requests.get(url, headers=IDENTITY)
     assert old.status_code == 200
-    vertices, edges, values = parse_body(old.content, attrs)
+    vertices, edges, values = parse_skeleton(old.content, attrs)
     check_skeleton(vertices, edges, values["radius"], values["vertex_types"], _expected(source, "neuron.swc"))
     old_props = requests.get(world.server.url("/ds/live/skeletons/segment_properties/info")).json()
 
@@ -727,7 +710,7 @@ def test_a_rewritten_swc_file_is_served_fresh(world):
         time.sleep(0.1)
     new_tag = r.headers["ETag"]
     assert new_tag != old.headers["ETag"]
-    vertices, edges, values = parse_body(r.content, attrs)
+    vertices, edges, values = parse_skeleton(r.content, attrs)
     check_skeleton(vertices, edges, values["radius"], values["vertex_types"], want)
     # never stale again: the old ETag gets the new body, the new one a 304, cloud-volume the new vertices
     stale = requests.get(url, headers={"If-None-Match": old.headers["ETag"], **IDENTITY})
