@@ -294,14 +294,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import DEMO_SHAPE, make_demo
+    from .demo import DEMO_SHAPE, make_demo, make_demo_tracings
     from .writers.listing import suffixed
 
     print(f"Preparing the demo volume ({' x '.join(map(str, DEMO_SHAPE))} uint16 TIFF slices; first run only)...",
           file=sys.stderr)
-    path = make_demo(Path(args.data_dir) if args.data_dir else None)
+    data_dir = Path(args.data_dir) if args.data_dir else None
+    path = make_demo(data_dir)
     spec = DatasetSpec(id="demo", path=str(path), metadata={
         "title": "Synthetic mouse-brain-like stack (demo)", "technique": "synthetic serial-section fluorescence"})
+    neurons = DatasetSpec(id="demo-neurons", path=str(make_demo_tracings(data_dir)), kind="skeletons", space="demo",
+                          units="voxel", metadata={"title": "Synthetic neuron tracings on the demo brain (SWC)"})
     base = f"http://{_reachable(args.host)}:{args.port}"
     url = f"{base}/ds/demo/zarr"
     zarr_line = (f"python -c \"import zarr; a = zarr.open_group('{url}', mode='r')['0']; "
@@ -313,9 +316,9 @@ Open it with:
   Neuroglancer: paste precomputed://{base}/ds/demo/precomputed (or zarr://{url}),
                or follow "open in Neuroglancer" on the index page
   zarr-python: {zarr_line}
-  browser:     {base}/
+  browser:     {base}/  (the demo's Neuroglancer link shows its traced neurons too)
 """)
-    return run_server([spec], args)
+    return run_server([spec, neurons], args)
 
 
 def _factors(factors) -> str:

@@ -13,6 +13,8 @@ import tifffile
 DEMO_SHAPE = (256, 1024, 1024)  # z, y, x
 DEMO_VOXEL = (2.0, 0.5, 0.5)  # micrometers: z steps 4x coarser than x/y, as in serial-section imaging
 DEMO_NAME = "demo-brain-v2"
+DEMO_TRACINGS = "demo-neurons-v1"
+REGIONS = ("cortex, layer 2/3", "cortex, layer 5", "striatum", "thalamus", "hippocampus")
 CELL_PERIOD = 16  # slices
 
 
@@ -73,4 +75,34 @@ def make_demo(data_dir: Path | None = None, shape: tuple[int, int, int] = DEMO_S
     (tmp / "complete").touch()
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
+    return target
+
+
+def make_demo_tracings(data_dir: Path | None = None, shape: tuple[int, int, int] = DEMO_SHAPE,
+                       count: int = len(REGIONS)) -> Path:
+    """Write a few traced-looking neurons as SWC files (voxel coordinates of the demo volume):
+    a soma inside the brain and dendrites that wander and branch from it."""
+    target = (data_dir or default_data_dir()) / DEMO_TRACINGS
+    if (target / "complete").exists():
+        return target
+    target.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(16)
+    nz, ny, nx = shape
+    for n in range(count):
+        soma = np.array([nx * rng.uniform(0.25, 0.75), ny * rng.uniform(0.3, 0.7), nz * rng.uniform(0.4, 0.6)])
+        rows = [(1, 1, *soma, 6.0, -1)]
+        tips = [(1, soma, rng.uniform(0, 2 * np.pi)) for _ in range(int(rng.integers(4, 7)))]
+        while tips and len(rows) < 400:
+            parent, at, heading = tips.pop()
+            for _ in range(int(rng.integers(15, 40))):
+                heading += rng.normal(0, 0.25)
+                at = at + [4 * np.cos(heading), 4 * np.sin(heading), rng.normal(0, 0.5)]
+                rows.append((len(rows) + 1, 3, *at, max(0.5, 2.5 - 0.05 * len(rows) ** 0.5), parent))
+                parent = len(rows)
+                if rng.random() < 0.04:
+                    tips.append((parent, at, heading + rng.choice([-0.8, 0.8])))
+        lines = [f"# SOMA_REGION: {REGIONS[n % len(REGIONS)]}", "# a synthetic tracing of the bil-transform demo",
+                 *(f"{i} {t} {x:.2f} {y:.2f} {z:.2f} {r:.2f} {p}" for i, t, x, y, z, r, p in rows)]
+        (target / f"neuron_{n + 1:02d}.swc").write_text("\n".join(lines) + "\n")
+    (target / "complete").touch()
     return target
