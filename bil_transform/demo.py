@@ -96,7 +96,8 @@ def make_demo_tracings(data_dir: Path | None = None, shape: tuple[int, int, int]
             parent, at, heading = tips.pop()
             for _ in range(int(rng.integers(15, 40))):
                 heading += rng.normal(0, 0.25)
-                at = at + [4 * np.cos(heading), 4 * np.sin(heading), rng.normal(0, 0.5)]
+                step = [4 * np.cos(heading), 4 * np.sin(heading), rng.normal(0, 0.5)]
+                at = np.clip(at + step, 0, [nx - 1, ny - 1, nz - 1])
                 rows.append((len(rows) + 1, 3, *at, max(0.5, 2.5 - 0.05 * len(rows) ** 0.5), parent))
                 parent = len(rows)
                 if rng.random() < 0.04:

@@ -766,3 +766,34 @@ def _real_read(path):
     from bil_transform.readers.swc import read_swc
 
     return read_swc(path)
+
+
+def test_the_demo_tracings_are_well_formed_neurons_inside_the_demo_brain(tmp_path):
+    """`bil-transform demo` serves them on its volume: read back by the test's own parser, each is
+    one tree from a soma, every node inside the volume (voxel units)."""
+    from bil_transform.demo import make_demo_tracings
+
+    shape = (256, 1024, 1024)
+    files = sorted(make_demo_tracings(tmp_path, shape).glob("*.swc"))
+    assert len(files) == 5
+    for path in files:
+        nrn = parse_swc(path)
+        assert (nrn.parents < 0).sum() == 1 and nrn.types[nrn.parents < 0][0] == 1
+        assert len(nrn.ids) > 50 and (nrn.radii > 0).all()
+        assert ((nrn.xyz >= 0) & (nrn.xyz < np.array(shape[::-1]))).all(), path.name
+        assert any(line.startswith("# SOMA_REGION: ") for line in nrn.header)
+
+
+def test_info_says_what_an_swc_file_holds_or_which_line_is_wrong(tmp_path):
+    import subprocess
+    import sys
+
+    write_swc(tmp_path / "cell.swc", make_neuron(5, (10.0, 50.0), 2.0, header=["# SOMA_REGION: VISp"]))
+    run = subprocess.run([sys.executable, "-m", "bil_transform", "info", str(tmp_path / "cell.swc")],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert f"nodes:         {len(TOPOLOGY)} in 2 tree(s)" in run.stdout and "SOMA_REGION: VISp" in run.stdout
+    (tmp_path / "bad.swc").write_text("1 1 0 0 0 1 -1\n2 3 1 1 1 1 9\n")
+    bad = subprocess.run([sys.executable, "-m", "bil_transform", "info", str(tmp_path / "bad.swc")],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and "bad.swc, line 2: " in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
