@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .pyramid import DEFAULT_CHUNK
 from .pyramid.downsample import METHODS
-from .readers.base import natural_key
+from .readers.base import SELECTIONS, natural_key
 from .writers.codecs import COMPRESSORS
 from .writers.precomputed import ENCODINGS
 
@@ -28,10 +28,11 @@ METADATA = "metadata"  # [datasets.metadata]: free metadata under any name
 # The fields of a [[datasets]] table (DatasetSpec's, checked in _fields); any other key is free metadata,
 # unless it is close to one of these (a misspelling, refused with "did you mean").
 KNOWN_KEYS = ("id", "path", "voxel_size", "kind", "embargo", "downsample", "compression", "encoding", "chunk", "origin",
-              "labels", "space", "units", "offset", METADATA)
+              "labels", "space", "units", "offset", "setup", "scene", METADATA)
 # The fields only a skeleton source has, and those it has not (they describe voxels)
 SKELETON_KEYS = ("space", "units", "offset")
-VOXEL_KEYS = ("voxel_size", "downsample", "compression", "encoding", "chunk", "origin", "labels")
+VOXEL_KEYS = ("voxel_size", "downsample", "compression", "encoding", "chunk", "origin", "labels", "setup", "scene")
+
 TOP_LEVEL = ("datasets",)  # the only key a catalog file has at its top level
 ID_PATTERN = re.compile(r"[A-Za-z0-9._-]+")
 
@@ -58,6 +59,15 @@ class DatasetSpec:
     space: str | None = None
     units: str = "micrometer"  # micrometer: the image's physical frame; voxel: voxels of its level 0
     offset: tuple[float, float, float] = (0.0, 0.0, 0.0)  # z, y, x, in `units`, added to every node
+    # the part of a file holding several: a BigDataViewer setup (with the setups sharing its grid as
+    # channels), a CZI scene; None: the first
+    setup: int | None = None
+    scene: int | None = None
+
+    @property
+    def selection(self) -> dict[str, int]:
+        """The parts chosen, as the readers take them."""
+        return {name: value for name, *_ in SELECTIONS if (value := getattr(self, name)) is not None}
 
     @property
     def root(self) -> Path:
@@ -201,6 +211,10 @@ def _fields(entry: dict, base: Path, taken: set[str]) -> DatasetSpec:
             attempt += 1
     kind = _one_of(entry, "kind", KINDS, "image")
     space, units, offset = _skeleton_fields(entry, kind)
+    for name, source, _ in SELECTIONS:
+        value = entry.get(name)
+        if name in entry and not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+            raise _Bad(f"{name} must be a whole number from 0: the {name} of a {source} to serve; got {_show(value)}")
     voxel = entry.get("voxel_size")
     if voxel is not None and not (isinstance(voxel, list) and len(voxel) == 3 and all(
             isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in voxel)):
@@ -251,6 +265,8 @@ def _fields(entry: dict, base: Path, taken: set[str]) -> DatasetSpec:
         space=space,
         units=units,
         offset=offset,
+        setup=entry.get("setup"),
+        scene=entry.get("scene"),
     )
 
 

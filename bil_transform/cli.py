@@ -26,7 +26,7 @@ from .export import add_arguments as add_export_arguments
 from .export import run as run_export
 from .logs import ACCESS, FORMATS, AccessLogger
 from .pages import DEFAULT_VIEWER
-from .readers import SourceError, open_source
+from .readers import SELECTIONS, SourceError, open_source
 from .workers import Workers
 
 UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "m": 1e6, "mb": 1e6, "mib": 2**20,
@@ -331,7 +331,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     if Path(args.path).suffix.lower() == ".swc" and Path(args.path).is_file():
         return _swc_info(args.path)
     try:
-        reader = open_source(args.path)
+        reader = open_source(args.path, selection={name: value for name, *_ in SELECTIONS
+                                                   if (value := getattr(args, name)) is not None})
     except SourceError as exc:
         print(f"bil-transform info: {exc}", file=sys.stderr)
         return 1
@@ -354,6 +355,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     for i, lvl in enumerate(levels):
         print(f"  {i}: shape {lvl.shape}, factors {_factors(lvl.factors)}, "
               f"{'native' if lvl.native is not None else 'computed'}")
+    for note in v.notes:
+        print(f"note:          {note}")
     return 0
 
 
@@ -388,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="serve datasets from a catalog and/or paths")
     serve.add_argument("paths", nargs="*", metavar="PATH",
-                       help="TIFF, JPEG2000 or Imaris file, slice directory or glob, or Zarr")
+                       help="TIFF, JPEG2000, Imaris, BigDataViewer or CZI file, slice directory or glob, Zarr or N5")
     serve.add_argument("--config", metavar="CATALOG.toml", help="catalog of datasets")
     _add_server_args(serve)
     demo = sub.add_parser("demo", help="generate (once) and serve a synthetic brain volume")
@@ -396,6 +399,8 @@ def main(argv: list[str] | None = None) -> int:
     _add_server_args(demo)
     info = sub.add_parser("info", help="print what the reader sees in PATH")
     info.add_argument("path", metavar="PATH")
+    for name, source, _ in SELECTIONS:
+        info.add_argument(f"--{name}", type=int, metavar="N", help=f"the {name} of a {source} to describe")
     export = sub.add_parser("export", help="write a dataset's pyramid as files, computed on dask.distributed")
     add_export_arguments(export)
     args = parser.parse_args(argv)

@@ -109,6 +109,7 @@ def document() -> dict:
                 "levels": {"type": "array", "items": {"type": "object", "required": ["shape", "factors", "chunks"]}},
                 "space": {"type": "string"}, "units": {"enum": ["micrometer", "voxel"]},
                 "neuron_count": {"type": "integer"}, "unavailable_neurons": {"type": "integer"},
+                "notes": {"type": "array", "items": {"type": "string"}},
                 "links": {"type": "object", "additionalProperties": {
                     "oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}},
                               {"type": "object", "additionalProperties": {"type": "string"}}]}}}},

@@ -57,6 +57,7 @@ def summary(ds: Dataset, snap: Snapshot | None = None) -> dict:
              "native": lvl.native is not None}
             for lvl in pyramid.levels
         ],
+        **({"notes": [ds.public(n) for n in vol.notes]} if vol.notes else {}),  # what the reader had to decide
     }
 
 

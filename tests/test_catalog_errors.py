@@ -85,6 +85,12 @@ MISTAKES = [
      ["dataset 'cells' (datasets[1])", "voxel_size describes voxels, and a skeleton source", "its space image's"]),
     ("image-with-space", ONE + 'space = "other"\n',
      ["dataset 'brain' (datasets[0])", "space belongs to a skeleton source", "this dataset is image"]),
+    # the part of a file holding several (issue 17): a BigDataViewer setup, a CZI scene
+    ("setup-negative", ONE + "setup = -1\n",
+     ["dataset 'brain' (datasets[0])", "setup must be a whole number from 0", "BigDataViewer", "got -1"]),
+    ("scene-string", ONE + 'scene = "2"\n', ["scene must be a whole number from 0", "CZI", "got '2'"]),
+    ("setup-on-skeletons", ONE + SKELETONS + "setup = 1\n",
+     ["dataset 'cells' (datasets[1])", "setup describes voxels, and a skeleton source"]),
 ]
 
 
@@ -177,3 +183,18 @@ def test_unrelated_files_and_directories_are_not_a_glob(tmp_path):
     assert expanded_glob_warning([str(tmp_path / "slices" / "z*.tif")]) is None  # quoted: one PATH
     assert expanded_glob_warning([str(tmp_path / "slices" / "z000.tif"), str(tmp_path / "slices" / "z001.tif")]) is None
     assert expanded_glob_warning([]) is None
+
+
+def test_a_selection_the_format_does_not_take_is_one_sentence(tmp_path):
+    """`setup` names a BigDataViewer setup: on a TIFF it is a mistake, said at open (the dataset is
+    reported unavailable with it, and every other dataset serves)."""
+    import numpy as np
+    import tifffile
+
+    from bil_transform.readers import SourceError, open_source
+
+    tifffile.imwrite(tmp_path / "brain.tif", np.zeros((2, 8, 8), np.uint16))
+    with pytest.raises(SourceError) as caught:
+        open_source(tmp_path / "brain.tif", selection={"setup": 1})
+    assert str(caught.value) == (f"{tmp_path / 'brain.tif'}: setup = 1 names a setup (its tile, angle or illumination) "
+                                 "of a BigDataViewer dataset (HDF5 or N5), and this is a tiff source; leave setup out")

@@ -15,6 +15,11 @@ from typing import Protocol
 import numpy as np
 
 Region = tuple[slice, slice, slice]  # z, y, x; start/stop always set, step 1
+# Which part of a source holding several a dataset is: (catalog field, the format whose parts it
+# names, what such a part is). A reader that takes one gets it as a keyword argument; None or absent:
+# the first part.
+SELECTIONS = (("setup", "BigDataViewer dataset (HDF5 or N5)", "its tile, angle or illumination"),
+              ("scene", "Zeiss CZI file", "one region of the slide or sample"))
 
 
 class SourceError(Exception):
