@@ -118,7 +118,7 @@ def _page(title: str, body: str) -> str:
 
 
 def _facts(ds: Dataset) -> str:
-    """Shape, type, voxel size and levels, in one line of HTML."""
+    """Shape, type, voxel size, levels and the format it is read from, in one line of HTML."""
     vol, served = ds.pyramid.volume, records.summary(ds)["precomputed"]
     shape = " &times; ".join(map(str, vol.shape[2:][::-1]))
     extra = ", ".join(f"{n} {a}" for n, a in zip(vol.shape[:2], ("time points", "channels")) if n > 1)
@@ -126,7 +126,7 @@ def _facts(ds: Dataset) -> str:
     dtype = vol.dtype.name + (f" (precomputed: {served['data_type']})" if served["data_type"] != vol.dtype.name
                               else "")
     return (f"{shape} voxels (x &times; y &times; z){', ' + extra if extra else ''}; {html.escape(dtype)}, "
-            f"{vol.kind}; {voxel} &micro;m; {len(ds.pyramid.levels)} levels")
+            f"{vol.kind}; {voxel} &micro;m; {len(ds.pyramid.levels)} levels; read from {html.escape(vol.format)}")
 
 
 def index_html(found: list[Dataset], total: int, offset: int, limit: int, facets: dict, query: str, base: str,

@@ -369,7 +369,8 @@ def test_info_says_why_a_path_is_not_a_source(tmp_path):
     (tmp_path / "notes" / "a.txt").write_text("x")
     (tmp_path / "img.png").write_bytes(b"\x89PNG\r\n\x1a\n")
     for path, says in [(tmp_path / "notes", "a directory holding 1 .txt files"),
-                       (tmp_path / "img.png", "not TIFF, JPEG2000, HDF5 (Imaris) or Zarr")]:
+                       (tmp_path / "img.png",
+                        "not TIFF, JPEG2000, HDF5 (Imaris, BigDataViewer), a BigDataViewer XML or CZI")]:
         result = subprocess.run([sys.executable, "-m", "bil_transform", "info", str(path)], capture_output=True,
                                 text=True)
         assert result.returncode == 1 and says in result.stderr and str(path) in result.stderr
