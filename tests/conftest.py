@@ -214,3 +214,8 @@ def server(sources):
     yield srv
     srv.stop()
 
+
+def ome_group(server: Server, ds: str) -> tuple[zarr.Group, list[dict]]:
+    """A dataset's served OME-Zarr 0.4 group, read by zarr-python, and its multiscales datasets."""
+    group = zarr.open_group(server.url(f"/ds/{ds}/zarr"), mode="r")
+    return group, group.attrs["multiscales"][0]["datasets"]

@@ -23,8 +23,7 @@ import numpy as np
 import pytest
 import requests
 import tensorstore as ts
-import zarr
-from conftest import Server, _blobs
+from conftest import Server, _blobs, ome_group
 from neuroglancer_browser import Browser, check_exchanges, voxels_under_pixels
 from pylibCZIrw import czi as pyczi
 
@@ -147,17 +146,12 @@ def czi(tmp_path_factory):
     srv.stop()
 
 
-def _group(srv, ds: str) -> tuple[zarr.Group, list[dict]]:
-    group = zarr.open_group(srv.url(f"/ds/{ds}/zarr"), mode="r")
-    return group, group.attrs["multiscales"][0]["datasets"]
-
-
 @pytest.mark.parametrize("ds", ["mosaic", "scene1", "rgb"])
 def test_level0_is_exact_through_zarr_python_and_tensorstore(czi, ds):
     """The stitched mosaic (tiles at their positions, the gap 0), another scene, RGB as three channels."""
     srv, _, truth = czi
     want = truth[ds]
-    group, datasets = _group(srv, ds)
+    group, datasets = ome_group(srv, ds)
     np.testing.assert_array_equal(group[datasets[0]["path"]][:], want)
     v2 = ts.open({"driver": "zarr", "kvstore": srv.url(f"/ds/{ds}/zarr/0/")}, read=True).result()
     np.testing.assert_array_equal(v2.read().result(), want)
@@ -172,7 +166,7 @@ def test_the_stored_pyramid_is_the_native_level_1(czi):
     """Level 1 is the file's pyramid layer as stored; a scene without one has level 0 only (the server
     computes the rest); every level of scene 0 sits over level 0 (box-downsampled placement)."""
     srv, _, truth = czi
-    group, datasets = _group(srv, "mosaic")
+    group, datasets = ome_group(srv, "mosaic")
     levels = requests.get(srv.url("/api/datasets/mosaic")).json()["levels"]
     assert [lvl["native"] for lvl in levels[:3]] == [True, True, False]
     assert levels[1]["factors"] == [1.0, 2.0, 2.0] and levels[1]["shape"] == [Z, 45, 101]
@@ -187,7 +181,7 @@ def test_the_stored_pyramid_is_the_native_level_1(czi):
 
 def test_voxel_size_origin_channel_names_colours_and_windows(czi):
     srv, _, truth = czi
-    group, datasets = _group(srv, "mosaic")
+    group, datasets = ome_group(srv, "mosaic")
     assert datasets[0]["coordinateTransformations"][0]["scale"][2:] == pytest.approx(VOXEL)
     # no stage position in the file: the box corner in the file's pixel coordinates, times the voxel size
     x0, y0 = truth["corner"]
@@ -199,7 +193,7 @@ def test_voxel_size_origin_channel_names_colours_and_windows(czi):
         pytest.approx((lo * 65535, hi * 65535)) for lo, hi in LOW_HIGH]
     info = requests.get(srv.url("/ds/mosaic/precomputed/info")).json()
     assert info["scales"][0]["resolution"] == pytest.approx([v * 1000 for v in VOXEL[::-1]])
-    rgb = _group(srv, "rgb")[0].attrs["omero"]["channels"]
+    rgb = ome_group(srv, "rgb")[0].attrs["omero"]["channels"]
     assert [(ch["label"], ch["color"]) for ch in rgb] == [("red", "FF0000"), ("green", "00FF00"), ("blue", "0000FF")]
 
 

@@ -20,8 +20,7 @@ import requests
 import tensorstore as ts
 import xxhash
 import z5py
-import zarr
-from conftest import Server, _blobs
+from conftest import Server, _blobs, ome_group
 from neuroglancer_browser import Browser, check_exchanges, voxels_under_pixels
 
 import bil_transform.readers.n5 as n5
@@ -134,16 +133,11 @@ def n5dir(tmp_path_factory):
     srv.stop()
 
 
-def _group(srv, ds: str) -> tuple[zarr.Group, list[dict]]:
-    group = zarr.open_group(srv.url(f"/ds/{ds}/zarr"), mode="r")
-    return group, group.attrs["multiscales"][0]["datasets"]
-
-
 @pytest.mark.parametrize("ds", ["viewer", "bdv", "plain"])
 def test_level0_is_exact_through_zarr_tensorstore_and_precomputed(n5dir, ds):
     srv, _, truth = n5dir
     want = truth[ds][0] if ds != "plain" else truth[ds]
-    group, datasets = _group(srv, ds)
+    group, datasets = ome_group(srv, ds)
     np.testing.assert_array_equal(group[datasets[0]["path"]][:], want)
     level0 = ts.open({"driver": "zarr", "kvstore": srv.url(f"/ds/{ds}/zarr/0/")}, read=True).result()
     np.testing.assert_array_equal(level0.read().result(), want)
@@ -162,7 +156,7 @@ def test_native_levels_are_served_as_stored_with_their_factors(n5dir, ds, factor
     """Each stored level, as written, at its downsamplingFactors; the voxel size from pixelResolution
     (n5-viewer) or the time point's resolution (BigDataViewer), scaled per level."""
     srv, _, truth = n5dir
-    group, datasets = _group(srv, ds)
+    group, datasets = ome_group(srv, ds)
     doc = requests.get(srv.url(f"/api/datasets/{ds}")).json()
     assert doc["format"] == "n5" and doc["voxel_size"] == pytest.approx(voxel) and doc["voxel_size_known"]
     native = [lvl for lvl in doc["levels"] if lvl["native"]]
@@ -256,7 +250,7 @@ def test_broken_blocks_fail_only_their_chunks_and_a_missing_block_is_zero(n5dir)
 
     for y, x in [(0, 0), (1, 0), (1, 1), (0, 2)]:
         assert chunk(y, x).status_code == 200
-    group, _ = _group(srv, "broken")
+    group, _ = ome_group(srv, "broken")
     level0 = group["0"]
     np.testing.assert_array_equal(level0[0, 0, :, 0:32, 0:32], want[:, 0:32, 0:32])
     np.testing.assert_array_equal(level0[0, 0, :, 32:64, 0:32], 0)  # the missing block
