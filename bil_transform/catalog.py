@@ -374,7 +374,8 @@ def specs_from_paths(paths: list[str]) -> list[DatasetSpec]:
     specs = []
     seen: set[str] = set()
     for p in paths:
-        stem = re.sub(r"(\.ome)?\.(tiff?|zarr|ims|jp2|j2k)$", "", Path(p.rstrip("/")).name or "dataset", flags=re.I)
+        stem = re.sub(r"(\.ome)?\.(tiff?|zarr|ims|jp2|j2k|czi|n5|h5|xml)$", "", Path(p.rstrip("/")).name or "dataset",
+                      flags=re.I)
         base = re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip("-") or "dataset"
         ident, n = base, 1
         while ident in seen:
