@@ -32,7 +32,6 @@ KNOWN_KEYS = ("id", "path", "voxel_size", "kind", "embargo", "downsample", "comp
 # The fields only a skeleton source has, and those it has not (they describe voxels)
 SKELETON_KEYS = ("space", "units", "offset")
 VOXEL_KEYS = ("voxel_size", "downsample", "compression", "encoding", "chunk", "origin", "labels", "setup", "scene")
-
 TOP_LEVEL = ("datasets",)  # the only key a catalog file has at its top level
 ID_PATTERN = re.compile(r"[A-Za-z0-9._-]+")
 
