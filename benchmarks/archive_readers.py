@@ -100,19 +100,19 @@ def imaris_chunks(root: Path, slices: int, size: int, repeat: int) -> None:
     rng = np.random.default_rng(2)
     path = root / "bench.ims"
     write_ims(path, synthetic(rng, (slices, size, size), 60000)[None, None], levels=1, chunks=(32, 128, 128))
-    reader = open_source(path, SEGMENTS)
     print(f"(b) Imaris: {slices} x {size} x {size} uint16, gzip, chunks 32 x 128 x 128, "
           f"{path.stat().st_size / 2**20:.0f} MiB; all level-0 blocks of 64^3")
-    direct = imaris._pipeline
+    direct = imaris.chunk_layout
     ways = {"decode outside the lock": direct, "h5py slicing (global lock)": lambda data: None}
     times, blocks = {}, {}
     try:
-        for name, pipeline in ways.items():
-            imaris._pipeline = pipeline
+        for name, layout in ways.items():
+            imaris.chunk_layout = layout
+            reader = open_source(path, SEGMENTS)  # the layouts are taken at open
             for workers in (1, 2):
                 times[name, workers], blocks[name] = cold_level(reader, 0, workers, repeat)
     finally:
-        imaris._pipeline = direct
+        imaris.chunk_layout = direct
     assert all(np.array_equal(a, b) for a, b in zip(*blocks.values()))
     for name in ways:
         one, two = times[name, 1], times[name, 2]

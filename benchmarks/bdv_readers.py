@@ -9,8 +9,8 @@ makes it), by 1 and by 2 worker threads, four ways:
 - the reader as it is: chunks under bdv.SMALL_CHUNK bytes by h5py slicing, larger ones as below;
 - raw chunk bytes read through HDF5 (`read_direct_chunk`, one call a chunk) and inflated by
   libdeflate into a buffer of the known size, outside h5py's global lock, each chunk once;
-- the Imaris reader's way: each chunk looked up (`get_chunk_info_by_coord`), read, and inflated with
-  zlib outside the lock;
+- the Imaris reader's earlier way (before both readers shared hdf5_chunks): each chunk looked up
+  (`get_chunk_info_by_coord`), read, and inflated with zlib outside the lock;
 - plain h5py slicing: HDF5 reads and decompresses the region's chunks in C, under the lock.
 
 Rounds interleave the four (order rotated each round); each figure is the median of --repeat
@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 import warnings
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -37,13 +38,13 @@ import h5py
 import numpy as np
 
 import bil_transform.readers.bdv as bdv
-import bil_transform.readers.imaris as imaris
+import bil_transform.readers.hdf5_chunks as hdf5_chunks
 from bil_transform.cache import Cache
 from bil_transform.pyramid import Pyramid
 from bil_transform.readers import open_source
 
 RUNS = itertools.count()
-DIRECT = bdv._decode
+DIRECT = bdv.decode_chunk
 
 
 def synthetic(rng, shape, hi) -> np.ndarray:
@@ -63,25 +64,38 @@ def write(path: Path, data: np.ndarray, block: tuple[int, int, int]) -> None:
         w.close()
 
 
-def imaris_decode(dsid, origin, layout):
-    """The Imaris reader's chunk decode: the chunk looked up first, then read, then zlib."""
-    return imaris._decode(h5py.Dataset(dsid), origin, list(layout.pipeline))
+def lookup_read_zlib(dsid, origin, layout):
+    """The Imaris reader's chunk decode before it shared hdf5_chunks with this reader: the chunk
+    looked up first, then read, then zlib (deflate and shuffle, what npy2bdv writes)."""
+    if dsid.get_chunk_info_by_coord(origin).byte_offset is None:
+        return np.full(layout.chunks, layout.fill, layout.dtype)
+    mask, raw = dsid.read_direct_chunk(origin)
+    for i in reversed(range(len(layout.pipeline))):
+        if mask & (1 << i):
+            continue
+        if layout.pipeline[i] == hdf5_chunks.DEFLATE:
+            raw = zlib.decompress(raw)
+        elif layout.pipeline[i] == hdf5_chunks.SHUFFLE:
+            raw = np.frombuffer(raw, np.uint8).reshape(layout.dtype.itemsize, -1).T.tobytes()
+        else:
+            raise ValueError(f"filter {layout.pipeline[i]} is not in this baseline")
+    return np.frombuffer(raw, layout.dtype).reshape(layout.chunks)
 
 
 WAYS = {
     "the reader (its choice by chunk size)": ("reader", DIRECT),
     "raw chunk, libdeflate outside lock": ("decode", DIRECT),
-    "imaris._decode: lookup, raw chunk, zlib": ("decode", imaris_decode),
+    "earlier Imaris decode: lookup, raw chunk, zlib": ("decode", lookup_read_zlib),
     "h5py slicing (HDF5 decodes under lock)": ("slice", None),
 }
 
 
 def cold_level0(path: Path, way: str, workers: int) -> tuple[float, list[np.ndarray]]:
     kind, decode = WAYS[way]
-    bdv._decode = decode or DIRECT
-    original, small = bdv._layout, bdv.SMALL_CHUNK
+    bdv.decode_chunk = decode or DIRECT
+    original, small = bdv.chunk_layout, bdv.SMALL_CHUNK
     if kind == "slice":
-        bdv._layout = lambda data: None
+        bdv.chunk_layout = lambda data, min_bytes=0: None
     elif kind == "decode":
         bdv.SMALL_CHUNK = 0
     try:
@@ -94,12 +108,12 @@ def cold_level0(path: Path, way: str, workers: int) -> tuple[float, list[np.ndar
             out = list(pool.map(lambda b: pyramid.block(0, 0, 0, b), blocks))
         return time.perf_counter() - start, out
     finally:
-        bdv._decode, bdv._layout, bdv.SMALL_CHUNK = DIRECT, original, small
+        bdv.decode_chunk, bdv.chunk_layout, bdv.SMALL_CHUNK = DIRECT, original, small
 
 
 def way_of(path: Path) -> str:
     with h5py.File(path.with_suffix(".h5"), "r") as f:
-        return "by h5py slicing" if bdv._layout(f["t00000/s00/0/cells"]) is None else "raw chunks"
+        return "by h5py slicing" if bdv.chunk_layout(f["t00000/s00/0/cells"], bdv.SMALL_CHUNK) is None else "raw chunks"
 
 
 def measure(path: Path, label: str, repeat: int) -> None:

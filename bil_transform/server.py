@@ -46,6 +46,7 @@ PREFLIGHT = {
 }
 DATASETS = web.AppKey("datasets", dict)
 SKELETONS = web.AppKey("skeletons", dict)  # skeleton sources (catalog kind = "skeletons"), by id
+TRACED_ON = web.AppKey("traced_on", dict)  # image id -> the skeleton sources traced on it (the catalog's `space`)
 CACHE = web.AppKey("cache", Cache)
 CHUNKS = web.AppKey("chunks", Section)  # encoded bodies: chunks, metadata documents, shard lengths
 WORKERS = web.AppKey("workers", Workers)
@@ -498,7 +499,7 @@ def _search(request: web.Request, default_limit: int) -> tuple[list[Dataset], di
 
 def _traced_on(request: web.Request, image: Dataset) -> list[Dataset]:
     """The skeleton sources traced on an image."""
-    return [s for s in request.app[SKELETONS].values() if s.spec.space == image.spec.id]
+    return request.app[TRACED_ON].get(image.spec.id, [])
 
 
 def _shown_with(request: web.Request, image: Dataset) -> list[Dataset]:
@@ -657,6 +658,9 @@ def create_app(datasets: dict[str, Dataset], cache: Cache, workers: Workers,
     app.on_response_prepare.append(_cors)
     app[DATASETS], app[CACHE], app[CHUNKS], app[WORKERS] = datasets, cache, cache.section("chunks"), workers
     app[SKELETONS] = skeletons or {}
+    app[TRACED_ON] = {}
+    for source in app[SKELETONS].values():
+        app[TRACED_ON].setdefault(source.spec.space, []).append(source)
     app[TOKENS] = tokens or Tokens()
     app[STATE] = {"queued": 0, "max_queued": workers.threads * 256, "viewer": viewer, "max_region": max_region,
                   "public_url": public_url.rstrip("/") if public_url else None, "trust_forwarded": trust_forwarded}

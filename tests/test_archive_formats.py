@@ -293,18 +293,18 @@ class DecodeLog:
         import bil_transform.readers.imaris as imaris
 
         self.jp2, self.chunks = [], []
-        getitem, decode = glymur.Jp2k.__getitem__, imaris._decode
+        getitem, decode = glymur.Jp2k.__getitem__, imaris.decode_chunk
 
         def counted_getitem(jp2, index):
             self.jp2.append((jp2.path.name, index))
             return getitem(jp2, index)
 
-        def counted_decode(data, origin, pipeline):
+        def counted_decode(dsid, origin, layout):
             self.chunks.append(origin)
-            return decode(data, origin, pipeline)
+            return decode(dsid, origin, layout)
 
         monkeypatch.setattr(glymur.Jp2k, "__getitem__", counted_getitem)
-        monkeypatch.setattr(imaris, "_decode", counted_decode)
+        monkeypatch.setattr(imaris, "decode_chunk", counted_decode)
 
 
 def test_a_region_decodes_only_what_it_needs(archive, monkeypatch):

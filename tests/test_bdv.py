@@ -199,8 +199,8 @@ def test_setup_selects_a_group_and_a_missing_one_is_named(bdv_files):
 def test_a_region_decodes_only_the_chunks_it_needs(bdv_files, monkeypatch):
     _, root, truth = bdv_files
     decoded, sliced = [], []
-    decode, getitem = bdv._decode, h5py.Dataset.__getitem__
-    monkeypatch.setattr(bdv, "_decode", lambda dsid, origin, layout: decoded.append(origin) or decode(
+    decode, getitem = bdv.decode_chunk, h5py.Dataset.__getitem__
+    monkeypatch.setattr(bdv, "decode_chunk", lambda dsid, origin, layout: decoded.append(origin) or decode(
         dsid, origin, layout))
     monkeypatch.setattr(h5py.Dataset, "__getitem__", lambda d, key: sliced.append((d.name, key)) or getitem(d, key))
     segments = Cache(2**28).section("segments")

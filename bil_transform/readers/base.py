@@ -22,6 +22,23 @@ SELECTIONS = (("setup", "BigDataViewer dataset (HDF5 or N5)", "its tile, angle o
               ("scene", "Zeiss CZI file", "one region of the slide or sample"))
 
 
+# Micrometres per unit of length, as files write the unit (TIFF, OME, ImageJ, Imaris, NGFF, BigDataViewer,
+# N5): one table for every reader, matched without case or surrounding spaces by um_per_unit.
+_UM_PER_UNIT = {
+    **dict.fromkeys(("um", "\u00b5m", "\u03bcm", "micron", "microns", "micrometer", "micrometers", "micrometre",
+                     "micrometres"), 1.0),
+    **dict.fromkeys(("nm", "nanometer", "nanometers", "nanometre", "nanometres"), 1e-3),
+    **dict.fromkeys(("mm", "millimeter", "millimeters", "millimetre", "millimetres"), 1e3),
+    **dict.fromkeys(("m", "meter", "meters", "metre", "metres"), 1e6),
+    "cm": 1e4, "pm": 1e-6, "angstrom": 1e-4, "\u00e5": 1e-4,
+}
+
+
+def um_per_unit(unit: object) -> float | None:
+    """Micrometres per `unit` of length, None for anything that is not one (a missing unit included)."""
+    return _UM_PER_UNIT.get(str(unit).strip().lower())
+
+
 class SourceError(Exception):
     """A source file cannot be read. The message names the file and says why."""
 

@@ -54,7 +54,6 @@ from pathlib import Path
 
 import h5py
 import hdf5plugin  # noqa: F401 - registers the LZ4 filter (32004), for h5py slicing of what we do not decode
-import imagecodecs
 import numpy as np
 
 from ..cache import Section, uncached
@@ -68,17 +67,22 @@ from .base import (
     default_channels,
     grid_cells,
     reading,
+    um_per_unit,
     version_token,
     within,
 )
+from .hdf5_chunks import Chunked, chunk_layout, decode_chunk
 from .imaris import HDF5_MAGIC
-from .tiff import UM_PER_UNIT
 
 LOADER = "bdv.hdf5"
 ATTRIBUTE_ORDER = ("channel", "illumination", "angle", "tile")  # how a channel's name is built, first to last
 LEGACY = np.dtype("int16")  # stored for BDV's unsigned 16-bit when `s{NN}` has no dataType
 TOLERANCE = 1e-6  # relative: what counts as zero in a registration's off-diagonal, or as equal
-MICRO = {"µm", "\u03bcm", "um", "micron", "microns", "micrometer", "micrometers", "micrometre", "micrometres"}
+# Chunks smaller than this are read by HDF5 slicing, decompressed in C under h5py's lock: Fiji's BDV exporter
+# writes blocks of about 4096 voxels (8 KiB of uint16), where one HDF5 call per chunk from Python costs more
+# than decompressing under the lock saves (benchmarks/bdv_readers.py: 16^3 chunks 1.6x faster sliced,
+# 32^3 chunks 1.2-1.4x faster decoded here).
+SMALL_CHUNK = 32 * 1024
 
 
 def _is_spimdata(path: Path) -> bool:
@@ -319,7 +323,7 @@ class BdvReader:
             vox = vs.find("voxelSize")
             unit = (_text(vox, "unit") or "").lower()
             size = _numbers(_text(vox, "size"))
-            per_um = 1.0 if unit in MICRO else UM_PER_UNIT.get(unit)
+            per_um = um_per_unit(unit)
             if len(size) == 3 and per_um is not None and all(v > 0 for v in size):
                 s.voxel = tuple(v * per_um for v in size[::-1])
             setups[s.id] = s
@@ -504,7 +508,7 @@ class BdvReader:
 
     def _file(self) -> h5py.File:
         """One handle per worker thread; raw chunk bytes are read through it and decompressed outside
-        h5py's lock (imaris._decode), each chunk once however many served chunks it feeds."""
+        h5py's lock (hdf5_chunks), each chunk once however many served chunks it feeds."""
         f = getattr(self._local, "file", None)
         if f is None:
             f = self._local.file = h5py.File(self.h5, "r")
@@ -527,14 +531,14 @@ class BdvReader:
                 raise self._fail(f"{view} is shaped {data.shape}, not {shape} as the other views of this level",
                                  self.h5)
             if name not in self._layouts:
-                self._layouts[name] = _layout(data)
+                self._layouts[name] = chunk_layout(data, SMALL_CHUNK)
             layout = self._layouts[name]
             if layout is None:  # small chunks, contiguous, or a filter not decoded here: HDF5 reads the region
                 return self._served(s, data[region])
             out = np.empty([r.stop - r.start for r in region], self.volume.dtype)
             for chunk, part in grid_cells(region, layout.chunks, shape):
                 origin = tuple(r.start for r in chunk)
-                fetch = functools.partial(_decode, data.id, origin, layout)
+                fetch = functools.partial(decode_chunk, data.id, origin, layout)
                 with reading(self.h5, f"the chunk at voxel {origin} of {view}"):
                     block = fetch() if part == chunk else self.segments.get_or_compute(
                         (str(self.h5), self.volume.version, name, origin), fetch)
@@ -546,66 +550,3 @@ class BdvReader:
         if s.legacy and block.dtype == LEGACY:
             return block.view(np.uint16)  # the same bits; a big-endian int16 wraps the same way in astype
         return block if block.dtype == self.volume.dtype else block.astype(self.volume.dtype)
-
-
-# Chunks smaller than this are read by HDF5 slicing, decompressed in C under h5py's lock: Fiji's BDV exporter
-# writes blocks of about 4096 voxels (8 KiB of uint16), where one HDF5 call per chunk from Python costs more
-# than decompressing under the lock saves (benchmarks/bdv_readers.py: 16^3 chunks 1.6x faster sliced,
-# 32^3 chunks 1.2-1.4x faster decoded here).
-SMALL_CHUNK = 32 * 1024
-# HDF5 filters BDV writers use (Fiji: deflate; h5py-based writers: gzip, lzf, shuffle), undone in reverse order.
-DEFLATE, SHUFFLE, FLETCHER32, LZF, LZ4 = 1, 2, 3, 32000, 32004
-
-
-@dataclass(frozen=True)
-class Chunked:
-    """How one `cells` dataset's chunks are decoded; read once, as h5py's properties each call HDF5."""
-
-    pipeline: tuple[int, ...]  # filter ids in write order
-    chunks: tuple[int, int, int]
-    dtype: np.dtype
-    fill: object
-    nbytes: int
-
-
-def _layout(data: h5py.Dataset) -> Chunked | None:
-    """The dataset's chunking and filters; None where HDF5 had better read a region itself: not chunked,
-    a filter not decoded here, or chunks under SMALL_CHUNK bytes."""
-    if data.chunks is None:
-        return None
-    plist = data.id.get_create_plist()
-    ids = tuple(plist.get_filter(i)[0] for i in range(plist.get_nfilters()))
-    nbytes = data.dtype.itemsize * int(np.prod(data.chunks))
-    if not set(ids) <= {DEFLATE, SHUFFLE, FLETCHER32, LZF, LZ4} or nbytes < SMALL_CHUNK:
-        return None
-    return Chunked(ids, data.chunks, data.dtype, data.fillvalue, nbytes)
-
-
-def _decode(dsid: h5py.h5d.DatasetID, origin: tuple[int, ...], layout: Chunked) -> np.ndarray:
-    """One whole chunk: its raw bytes read through HDF5, then decompressed here, outside h5py's lock,
-    once however many served chunks it feeds. One HDF5 call a chunk (a chunk never written is looked
-    up only when that call fails), and libdeflate into a buffer of the known size."""
-    try:
-        mask, raw = dsid.read_direct_chunk(origin)
-    except Exception:
-        if dsid.get_chunk_info_by_coord(origin).byte_offset is None:  # never written: the fill value
-            return np.full(layout.chunks, layout.fill, layout.dtype)
-        raise
-    pipeline = layout.pipeline
-    for i in reversed(range(len(pipeline))):
-        if mask & (1 << i):
-            continue  # the writer skipped this filter for this chunk
-        size = layout.nbytes + 4 * (FLETCHER32 in pipeline[:i])  # what this filter was given when written
-        if pipeline[i] == DEFLATE:
-            raw = imagecodecs.deflate_decode(raw, out=size)
-        elif pipeline[i] == LZF:
-            raw = imagecodecs.lzf_decode(raw, header=False, out=size)
-        elif pipeline[i] == LZ4:
-            raw = imagecodecs.lz4h5_decode(raw)
-        elif pipeline[i] == SHUFFLE:
-            raw = np.frombuffer(raw, np.uint8).reshape(layout.dtype.itemsize, -1).T.tobytes()
-        elif pipeline[i] == FLETCHER32:
-            raw = raw[:-4]
-    block = np.frombuffer(raw, layout.dtype).reshape(layout.chunks)
-    block.flags.writeable = False
-    return block

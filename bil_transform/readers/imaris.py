@@ -14,7 +14,6 @@ from pathlib import Path
 
 import h5py
 import hdf5plugin  # noqa: F401 - registers the LZ4 filter (32004) that Imaris 9.6+ writes
-import imagecodecs
 import numpy as np
 
 from ..cache import Section, uncached
@@ -28,10 +27,11 @@ from .base import (
     default_channels,
     grid_cells,
     reading,
+    um_per_unit,
     version_token,
     within,
 )
-from .tiff import UM_PER_UNIT
+from .hdf5_chunks import Chunked, chunk_layout, decode_chunk
 
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 
@@ -65,7 +65,7 @@ class ImarisReader:
         self.path = Path(path)
         self.segments = segments or uncached("segments")
         self._local = threading.local()
-        self._pipelines: dict[str, list[int] | None] = {}  # per Data path, read once at open
+        self._layouts: dict[str, Chunked | None] = {}  # per Data path, read once at open
         try:
             f = h5py.File(self.path, "r")
         except Exception as exc:
@@ -99,7 +99,7 @@ class ImarisReader:
                     if f"{name}/Data" not in f:
                         raise self._fail(f"{name}/Data is missing")
                     group, data = f[name], f[f"{name}/Data"]
-                    self._pipelines[f"{name}/Data"] = _pipeline(data)
+                    self._layouts[f"{name}/Data"] = chunk_layout(data)
                     try:
                         size = tuple(int(float(text(group.attrs[f"ImageSize{a}"]))) for a in "ZYX")
                     except (KeyError, ValueError) as exc:
@@ -143,7 +143,7 @@ class ImarisReader:
         except (KeyError, ValueError):
             return None, (0.0, 0.0, 0.0)
         unit = text(attrs["Unit"]).strip().lower() if "Unit" in attrs else "um"
-        scale = UM_PER_UNIT.get(unit or "um", 1.0)
+        scale = um_per_unit(unit or "um") or 1.0
         voxel = tuple((b - a) / n * scale for a, b, n in zip(lo, hi, shape))
         if not all(v > 0 for v in voxel):
             return None, (0.0, 0.0, 0.0)
@@ -173,7 +173,7 @@ class ImarisReader:
 
     def _file(self) -> h5py.File:
         """One handle per worker thread. h5py serializes HDF5 calls under one lock, so only raw chunk
-        bytes are read through it; chunks are decompressed outside it (see _decode)."""
+        bytes are read through it; chunks are decompressed outside it (hdf5_chunks)."""
         f = getattr(self._local, "file", None)
         if f is None:
             f = self._local.file = h5py.File(self.path, "r")
@@ -184,50 +184,15 @@ class ImarisReader:
         name = f"DataSet/ResolutionLevel {level}/TimePoint {t}/Channel {c}/Data"
         with reading(self.path, name):
             data = self._file()[name]
-            pipeline = self._pipelines[name]
-            if pipeline is None:  # a filter we do not decode ourselves: let HDF5 do all of it
+            layout = self._layouts[name]
+            if layout is None:  # a filter we do not decode ourselves: let HDF5 do all of it
                 return data[region]
             out = np.empty([s.stop - s.start for s in region], self.volume.dtype)
-            for chunk, part in grid_cells(region, data.chunks, data.shape):
+            for chunk, part in grid_cells(region, layout.chunks, data.shape):
                 origin = tuple(s.start for s in chunk)
-                fetch = functools.partial(_decode, data, origin, pipeline)
+                fetch = functools.partial(decode_chunk, data.id, origin, layout)
                 with reading(self.path, f"the chunk at voxel {origin} of {name}"):
                     block = fetch() if part == chunk else self.segments.get_or_compute(
                         (str(self.path), self.volume.version, name, origin), fetch)
                 out[within(part, region)] = block[within(part, chunk)]
             return out
-
-
-# HDF5 filters Imaris files use, undone in reverse order of the pipeline.
-DEFLATE, SHUFFLE, FLETCHER32, LZ4 = 1, 2, 3, 32004
-
-
-def _pipeline(data: h5py.Dataset) -> list[int] | None:
-    """The dataset's filter ids in write order, or None if it is not chunked or uses another filter."""
-    if data.chunks is None:
-        return None
-    plist = data.id.get_create_plist()
-    ids = [plist.get_filter(i)[0] for i in range(plist.get_nfilters())]
-    return ids if set(ids) <= {DEFLATE, SHUFFLE, FLETCHER32, LZ4} else None
-
-
-def _decode(data: h5py.Dataset, origin: tuple[int, ...], pipeline: list[int]) -> np.ndarray:
-    """One whole chunk: its raw bytes read through HDF5, then decompressed here, outside
-    h5py's lock and once, however many served chunks it feeds."""
-    if data.id.get_chunk_info_by_coord(origin).byte_offset is None:  # never written: the fill value
-        return np.full(data.chunks, data.fillvalue, data.dtype)
-    mask, raw = data.id.read_direct_chunk(origin)
-    for i in reversed(range(len(pipeline))):
-        if mask & (1 << i):
-            continue  # the writer skipped this filter for this chunk
-        if pipeline[i] == DEFLATE:
-            raw = imagecodecs.zlib_decode(raw)
-        elif pipeline[i] == LZ4:
-            raw = imagecodecs.lz4h5_decode(raw)
-        elif pipeline[i] == SHUFFLE:
-            raw = np.frombuffer(raw, np.uint8).reshape(data.dtype.itemsize, -1).T.tobytes()
-        elif pipeline[i] == FLETCHER32:
-            raw = raw[:-4]
-    block = np.frombuffer(raw, data.dtype).reshape(data.chunks)
-    block.flags.writeable = False
-    return block

@@ -74,6 +74,7 @@ from .base import (
     check_region,
     default_channels,
     reading,
+    um_per_unit,
     version_token,
 )
 
@@ -84,10 +85,6 @@ COMPRESSIONS = ("raw", "gzip", "bzip2", "xz", "lz4", "blosc", "zstd")
 AXIS_NAMES = {"x": "x", "y": "y", "z": "z", "c": "c", "ch": "c", "channel": "c", "channels": "c", "t": "t",
               "time": "t"}
 DEFAULT_AXES = {2: "xy", 3: "xyz", 4: "xyzc", 5: "xyzct"}
-UM_PER_UNIT = {"nm": 1e-3, "nanometer": 1e-3, "nanometers": 1e-3, "nanometre": 1e-3, "um": 1.0, "µm": 1.0,
-               "μm": 1.0, "micron": 1.0, "microns": 1.0, "micrometer": 1.0, "micrometers": 1.0,
-               "micrometre": 1.0, "mm": 1e3, "millimeter": 1e3, "millimetre": 1e3, "cm": 1e4, "m": 1e6,
-               "meter": 1e6, "metre": 1e6, "pm": 1e-6, "angstrom": 1e-4, "Å": 1e-4}
 LZ4_MAGIC = b"LZ4Block"
 LZ4_HEADER = struct.Struct("<8sBiii")  # magic, token (method | level), compressed, decompressed length, checksum
 LZ4_RAW, LZ4_COMPRESSED = 0x10, 0x20
@@ -272,7 +269,7 @@ def _level_factors(arrays: list[Array], lists: list, note: list[str]) -> tuple[l
         shifts.append(None)
         if cosem[k] is not None and all(cosem):
             _, translate, units = cosem[k]
-            um = [UM_PER_UNIT.get(str(units.get(ax, "um")), None) for ax in "zyx"]
+            um = [um_per_unit(units.get(ax, "um")) for ax in "zyx"]
             if None not in um:
                 shifts[k] = tuple(translate.get(ax, 0.0) * u for ax, u in zip("zyx", um))
     return factors, shifts
@@ -468,7 +465,7 @@ def _unit_scale(unit, where: Path, note: list[str]) -> float | None:
     """Micrometres per unit, None (and a note) for a unit that is no length."""
     if unit is None:
         return 1.0
-    scale = UM_PER_UNIT.get(str(unit).strip(), UM_PER_UNIT.get(str(unit).strip().lower()))
+    scale = um_per_unit(unit)
     if scale is None:
         note.append(f"{where / ATTRIBUTES}: unit {unit!r} is not a length; the voxel size is unknown")
     return scale

@@ -29,16 +29,13 @@ from .base import (
     default_channels,
     grid_cells,
     reading,
+    um_per_unit,
     version_token,
     within,
 )
 from .slices import SliceFile, SliceInfo
 
 TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8", ".ome.tif", ".ome.tiff")
-UM_PER_UNIT = {
-    "m": 1e6, "mm": 1e3, "cm": 1e4, "um": 1.0, "µm": 1.0, "\\u00b5m": 1.0, "micron": 1.0,
-    "microns": 1.0, "micrometer": 1.0, "nm": 1e-3, "nanometer": 1e-3, "pm": 1e-6,
-}
 
 
 def read_page_region(page, fh: BinaryIO, name: str, ys: slice, xs: slice, sample: int, version: str,
@@ -143,7 +140,7 @@ def _voxel_size(tf: tifffile.TiffFile) -> tuple[float, float, float] | None:
             for ax in "ZYX":
                 value = pixels.get(f"PhysicalSize{ax}")
                 unit = pixels.get(f"PhysicalSize{ax}Unit", "µm")
-                sizes.append(float(value) * UM_PER_UNIT.get(unit, 1.0) if value else 1.0)
+                sizes.append(float(value) * (um_per_unit(unit) or 1.0) if value else 1.0)
             if pixels.get("PhysicalSizeX"):
                 return tuple(sizes)
         except (ET.ParseError, StopIteration, ValueError):
@@ -155,7 +152,7 @@ def _voxel_size(tf: tifffile.TiffFile) -> tuple[float, float, float] | None:
     ij = tf.imagej_metadata or {}
     unit = ij.get("unit")
     if unit is not None:
-        scale = UM_PER_UNIT.get(str(unit).lower())
+        scale = um_per_unit(unit)
     else:
         scale = {2: 25400.0, 3: 10000.0}.get(int(tags["ResolutionUnit"].value) if "ResolutionUnit" in tags else 2)
     if scale is None:

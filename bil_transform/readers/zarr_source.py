@@ -17,11 +17,10 @@ from .base import (
     check_region,
     default_channels,
     reading,
+    um_per_unit,
     version_token,
 )
-from .tiff import UM_PER_UNIT
 
-UM_PER_UNIT_NAME = {**UM_PER_UNIT, "micrometer": 1.0, "millimeter": 1e3, "meter": 1e6, "nanometer": 1e-3}
 DEFAULT_AXES = {2: "yx", 3: "zyx", 4: "czyx", 5: "tczyx"}
 METADATA_FILES = ("zarr.json", ".zarray", ".zattrs", ".zgroup")
 
@@ -44,7 +43,7 @@ def _physical(ms: dict, axes: str) -> list[tuple[tuple[float, ...] | None, tuple
     """Each level's (z, y, x) scale and translation in micrometers, None where the metadata has none:
     the level's own transforms, then the multiscale's, which NGFF applies after them."""
     units = {a.get("name"): a.get("unit") for a in ms.get("axes", []) if isinstance(a, dict)}
-    um = [UM_PER_UNIT_NAME.get(units.get(a) or "micrometer", 1.0) for a in axes]
+    um = [um_per_unit(units.get(a) or "micrometer") or 1.0 for a in axes]
 
     def vector(node: dict, kind: str) -> list[float] | None:  # one value per axis, or none at all
         values = _transform(node, kind)
