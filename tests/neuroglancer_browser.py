@@ -6,6 +6,7 @@ no GPU) and driven by playwright. Used by tests/test_neuroglancer.py and benchma
 from __future__ import annotations
 
 import io
+import math
 import re
 import shutil
 import threading
@@ -76,13 +77,29 @@ def _wait(page, ready, deadline: float, message: str) -> None:
         page.wait_for_timeout(50)
 
 
-def _screenshot(page, viewer: neuroglancer.Viewer, deadline: float, exchanges: list[Exchange]):
-    """The viewer's own screenshot, which it takes once every visible chunk is drawn."""
+def _one_screenshot(page, viewer: neuroglancer.Viewer, deadline: float, exchanges: list[Exchange]):
+    """The viewer's own screenshot, which it takes once every visible chunk is drawn, with the state it drew."""
     done = threading.Event()
     replies: list = []
     viewer.async_screenshot(lambda reply: (replies.append(reply), done.set()))
     _wait(page, done.is_set, deadline, f"Neuroglancer did not finish drawing; requests: {exchanges}")
     return replies[0]
+
+
+def _screenshot(page, viewer: neuroglancer.Viewer, deadline: float, exchanges: list[Exchange], ready):
+    """A screenshot of a state that is `ready`, and that state. The page gets state changes and screenshot
+    requests on separate channels, so a screenshot can be drawn before the last change arrives: take it
+    again. The state it was drawn in is the truth: `viewer.state` can lag the page (it once lacked the
+    `t` dimension the page drew in), and CI once compared a screenshot with a view it did not show."""
+    while not ready((reply := _one_screenshot(page, viewer, deadline, exchanges)).viewer_state):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"Neuroglancer drew {reply.viewer_state} and never the state asked for")
+    return reply
+
+
+def _as_asked(drawn: neuroglancer.ViewerState, scale: float | None) -> bool:
+    """Whether a screenshot drawn in state `drawn` shows what `show` asked for: palettes closed, the zoom set."""
+    return not drawn.tool_palettes and (scale is None or math.isclose(drawn.cross_section_scale, scale, rel_tol=1e-6))
 
 
 class Browser:
@@ -127,11 +144,11 @@ class Browser:
                 s.tool_palettes = {}
                 if scale is not None:  # voxels per pixel, once the sources have said what a voxel is
                     s.cross_section_scale = scale
-            reply = _screenshot(page, viewer, deadline, exchanges)
+            reply = _screenshot(page, viewer, deadline, exchanges, lambda drawn: _as_asked(drawn, scale))
             seconds = time.monotonic() - start
             page.wait_for_timeout(100)  # deliver the last network events
             image = np.asarray(Image.open(io.BytesIO(reply.screenshot.image)).convert("RGBA"))
-            return Screen(image, list(exchanges), seconds, viewer.state)
+            return Screen(image, list(exchanges), seconds, reply.viewer_state)
         finally:
             page.close()
 
