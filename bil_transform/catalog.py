@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .pyramid import DEFAULT_CHUNK
 from .pyramid.downsample import METHODS
-from .readers.base import SELECTIONS, natural_key
+from .readers.base import SELECTIONS, natural_key, selection_of
 from .writers.codecs import COMPRESSORS
 from .writers.precomputed import ENCODINGS
 
@@ -66,7 +66,7 @@ class DatasetSpec:
     @property
     def selection(self) -> dict[str, int]:
         """The parts chosen, as the readers take them."""
-        return {name: value for name, *_ in SELECTIONS if (value := getattr(self, name)) is not None}
+        return selection_of(self)
 
     @property
     def root(self) -> Path:

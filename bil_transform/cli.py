@@ -26,7 +26,7 @@ from .export import add_arguments as add_export_arguments
 from .export import run as run_export
 from .logs import ACCESS, FORMATS, AccessLogger
 from .pages import DEFAULT_VIEWER
-from .readers import SELECTIONS, SourceError, open_source
+from .readers import SELECTIONS, SourceError, open_source, selection_of
 from .workers import Workers
 
 UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "m": 1e6, "mb": 1e6, "mib": 2**20,
@@ -331,8 +331,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     if Path(args.path).suffix.lower() == ".swc" and Path(args.path).is_file():
         return _swc_info(args.path)
     try:
-        reader = open_source(args.path, selection={name: value for name, *_ in SELECTIONS
-                                                   if (value := getattr(args, name)) is not None})
+        reader = open_source(args.path, selection=selection_of(args))
     except SourceError as exc:
         print(f"bil-transform info: {exc}", file=sys.stderr)
         return 1

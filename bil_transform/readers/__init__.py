@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from ..cache import Section
-from .base import SELECTIONS, Channel, NativeLevel, Reader, Region, SourceError, Volume
+from .base import SELECTIONS, Channel, NativeLevel, Reader, Region, SourceError, Volume, selection_of
 from .bdv import BdvReader, is_bdv
 from .czi import CziReader, is_czi
 from .imaris import ImarisReader, is_hdf5
@@ -98,4 +98,5 @@ def open_source(path: str | Path, segments: Section | None = None,
     raise SourceError(f"{p}: not a supported source: {_contents(p)}")
 
 
-__all__ = ["Channel", "NativeLevel", "Reader", "Region", "SourceError", "Volume", "open_source", "REGISTRY"]
+__all__ = ["Channel", "NativeLevel", "Reader", "Region", "SourceError", "Volume", "open_source", "REGISTRY",
+           "SELECTIONS", "selection_of"]

@@ -22,6 +22,11 @@ SELECTIONS = (("setup", "BigDataViewer dataset (HDF5 or N5)", "its tile, angle o
               ("scene", "Zeiss CZI file", "one region of the slide or sample"))
 
 
+def selection_of(holder: object) -> dict[str, int]:
+    """The parts `holder` (a catalog entry, the command line's arguments) selects, as readers take them."""
+    return {name: value for name, *_ in SELECTIONS if (value := getattr(holder, name, None)) is not None}
+
+
 # Micrometres per unit of length, as files write the unit (TIFF, OME, ImageJ, Imaris, NGFF, BigDataViewer,
 # N5): one table for every reader, matched without case or surrounding spaces by um_per_unit.
 _UM_PER_UNIT = {
