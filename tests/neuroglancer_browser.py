@@ -6,15 +6,18 @@ no GPU) and driven by playwright. Used by tests/test_neuroglancer.py and benchma
 from __future__ import annotations
 
 import io
+import json
 import math
 import re
 import shutil
 import threading
 import time
+import urllib.parse
 from dataclasses import dataclass
 
 import neuroglancer
 import numpy as np
+import requests
 from PIL import Image
 from playwright.sync_api import sync_playwright
 
@@ -23,6 +26,21 @@ CHROMIUM_ARGS = [
     "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
 ]
 SIZE = (800, 600)  # data panel, pixels
+
+
+def link_state(link: str) -> neuroglancer.ViewerState:
+    """The viewer state a Neuroglancer link carries after its `#!`."""
+    return neuroglancer.ViewerState(json.loads(urllib.parse.unquote(link.split("#!", 1)[1])))
+
+
+def show_link(base: str, ds: str, scale: float) -> Screen:
+    """A dataset's "open in Neuroglancer" link (its /api/datasets/ID), shown in a Chromium of its own."""
+    link = requests.get(f"{base}/api/datasets/{ds}").json()["links"]["neuroglancer"]
+    browser = Browser()
+    try:
+        return browser.show(link_state(link), watch=base, scale=scale)
+    finally:
+        browser.close()
 
 
 def layers(**named: neuroglancer.Layer) -> neuroglancer.ViewerState:

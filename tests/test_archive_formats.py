@@ -4,15 +4,12 @@ rest of TIFF (tifffile). Native levels are served as stored; broken files fail o
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 import sys
-import urllib.parse
 
 import glymur
 import imagecodecs
-import neuroglancer
 import numpy as np
 import pytest
 import requests
@@ -21,7 +18,7 @@ import tifffile
 import zarr
 from conftest import Server, _blobs
 from imaris_writer import write_ims
-from neuroglancer_browser import Browser, check_exchanges, voxels_under_pixels
+from neuroglancer_browser import check_exchanges, show_link, voxels_under_pixels
 from PIL import Image
 
 from bil_transform.cache import Cache
@@ -272,13 +269,7 @@ def test_neuroglancer_shows_each_format_in_its_channel_colours(archive, ds, scal
     panel (only channel 1's colour has red: magenta by default, orange in the .ims) is channel 1's voxels."""
     srv, _, truth = archive
     data = np.stack([np.stack(ch) for ch in truth[ds][0]]) if ds == "ims" else truth[ds]
-    link = requests.get(srv.url(f"/api/datasets/{ds}")).json()["links"]["neuroglancer"]
-    state = neuroglancer.ViewerState(json.loads(urllib.parse.unquote(link.split("#!", 1)[1])))
-    browser = Browser()
-    try:
-        screen = browser.show(state, watch=srv.base, scale=scale)
-    finally:
-        browser.close()
+    screen = show_link(srv.base, ds, scale)
     check_exchanges(screen, f"{srv.base}/ds/{ds}")
     z, ys, xs = voxels_under_pixels(screen, data.shape[2:])
     red = screen.image[..., 0].astype(np.float64)

@@ -5,22 +5,19 @@ the chunks that touch it, with the file and the view named."""
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys
-import urllib.parse
 import warnings
 
 import h5py
-import neuroglancer
 import numpy as np
 import pytest
 import requests
 import tensorstore as ts
 import zarr
 from conftest import Server, _blobs
-from neuroglancer_browser import Browser, check_exchanges, voxels_under_pixels
+from neuroglancer_browser import check_exchanges, show_link, voxels_under_pixels
 
 import bil_transform.readers.bdv as bdv
 from bil_transform.cache import Cache
@@ -240,13 +237,7 @@ def test_neuroglancer_shows_a_bdv_dataset_in_its_channel_colours(bdv_files):
     channel 1's magenta has red) is channel 1's voxels."""
     srv, _, truth = bdv_files
     data = truth["tiles"][0]
-    link = requests.get(srv.url("/api/datasets/tiles")).json()["links"]["neuroglancer"]
-    state = neuroglancer.ViewerState(json.loads(urllib.parse.unquote(link.split("#!", 1)[1])))
-    browser = Browser()
-    try:
-        screen = browser.show(state, watch=srv.base, scale=0.1)
-    finally:
-        browser.close()
+    screen = show_link(srv.base, "tiles", 0.1)
     check_exchanges(screen, f"{srv.base}/ds/tiles")
     z, ys, xs = voxels_under_pixels(screen, data.shape[1:])
     red = screen.image[..., 0].astype(np.float64)

@@ -10,21 +10,18 @@ Every expected value is an array this file wrote, placed where it wrote it.
 
 from __future__ import annotations
 
-import json
 import struct
 import subprocess
 import sys
 import threading
 import types
-import urllib.parse
 
-import neuroglancer
 import numpy as np
 import pytest
 import requests
 import tensorstore as ts
 from conftest import Server, _blobs, ome_group
-from neuroglancer_browser import Browser, check_exchanges, voxels_under_pixels
+from neuroglancer_browser import check_exchanges, show_link, voxels_under_pixels
 from pylibCZIrw import czi as pyczi
 
 import bil_transform.readers.czi as czi_reader
@@ -216,13 +213,7 @@ def test_neuroglancer_shows_the_mosaic_in_its_channel_colours(czi):
     """The "open in Neuroglancer" state: every request answered, and the red in the panel (only
     channel 1's orange has red) is channel 1's voxels, gap included."""
     srv, _, truth = czi
-    link = requests.get(srv.url("/api/datasets/mosaic")).json()["links"]["neuroglancer"]
-    state = neuroglancer.ViewerState(json.loads(urllib.parse.unquote(link.split("#!", 1)[1])))
-    browser = Browser()
-    try:
-        screen = browser.show(state, watch=srv.base, scale=0.1)
-    finally:
-        browser.close()
+    screen = show_link(srv.base, "mosaic", 0.1)
     check_exchanges(screen, f"{srv.base}/ds/mosaic")
     data = truth["mosaic"][0]
     z, ys, xs = voxels_under_pixels(screen, data.shape[1:])

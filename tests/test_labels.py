@@ -149,17 +149,10 @@ def test_the_viewer_state_adds_the_labels_over_the_image(labelled):
 def test_neuroglancer_draws_the_labels_with_the_image(labelled):
     """The index page's viewer state, opened in the real Neuroglancer (Chromium): the label groups
     load as segmentation layers, every request answered as the contract says."""
-    import neuroglancer
-    from neuroglancer_browser import Browser, check_exchanges
+    from neuroglancer_browser import check_exchanges, show_link
 
     srv = labelled[0]
-    url = requests.get(srv.url("/api/datasets/brain")).json()["links"]["neuroglancer"]
-    state = neuroglancer.ViewerState(json.loads(urllib.parse.unquote(url.split("#!", 1)[1])))
-    browser = Browser()
-    try:
-        screen = browser.show(state, watch=srv.base, scale=1.0)
-    finally:
-        browser.close()
+    screen = show_link(srv.base, "brain", 1.0)
     keys = check_exchanges(screen, srv.url("/ds/brain"))
     for name in ("atlas", "cells"):
         fetched = [k for k in keys if k.startswith(f"zarr/labels/{name}/0/")]

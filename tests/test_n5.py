@@ -10,10 +10,8 @@ import math
 import struct
 import subprocess
 import sys
-import urllib.parse
 
 import imagecodecs
-import neuroglancer
 import numpy as np
 import pytest
 import requests
@@ -21,7 +19,7 @@ import tensorstore as ts
 import xxhash
 import z5py
 from conftest import Server, _blobs, ome_group
-from neuroglancer_browser import Browser, check_exchanges, voxels_under_pixels
+from neuroglancer_browser import check_exchanges, show_link, voxels_under_pixels
 
 import bil_transform.readers.n5 as n5
 from bil_transform.cache import Cache
@@ -199,13 +197,7 @@ def test_neuroglancer_shows_the_n5_voxels(n5dir):
     is the level-0 voxels."""
     srv, _, truth = n5dir
     data = truth["viewer"][0]
-    link = requests.get(srv.url("/api/datasets/viewer")).json()["links"]["neuroglancer"]
-    state = neuroglancer.ViewerState(json.loads(urllib.parse.unquote(link.split("#!", 1)[1])))
-    browser = Browser()
-    try:
-        screen = browser.show(state, watch=srv.base, scale=0.12)
-    finally:
-        browser.close()
+    screen = show_link(srv.base, "viewer", 0.12)
     check_exchanges(screen, f"{srv.base}/ds/viewer")
     z, ys, xs = voxels_under_pixels(screen, data.shape[2:])
     gray = screen.image[..., 0].astype(np.float64)

@@ -9,15 +9,13 @@ voxels (the panel's pixels against the written data, through the viewer's own po
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
-import urllib.parse
 
 import neuroglancer
 import numpy as np
 import pytest
 import requests
-from neuroglancer_browser import SIZE, Browser, check_exchanges, layers, voxels_under_pixels
+from neuroglancer_browser import SIZE, Browser, check_exchanges, layers, link_state, voxels_under_pixels
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +94,7 @@ def test_open_in_neuroglancer_link_shows_every_channel_in_its_colour(server, sou
     the source says (multi: green, magenta, cyan), each drawn from its own channel's voxels."""
     src = sources[0]["multi"]
     link = requests.get(server.url("/api/datasets/multi")).json()["links"]["neuroglancer"]
-    state = neuroglancer.ViewerState(json.loads(urllib.parse.unquote(link.split("#!", 1)[1])))
+    state = link_state(link)
     assert [layer.source[0].url for layer in state.layers] == [
         f"precomputed://{server.base}/ds/multi/c/{c}/precomputed" for c in range(3)]
     screen = browser.show(state, watch=server.base, scale=0.06)
