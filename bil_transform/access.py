@@ -12,6 +12,10 @@ published. Each entry is a token, or its sha256, and the dataset ids (or "*") it
     datasets = ["*"]
 
 Only the sha256 of a token is kept in memory; comparisons take constant time.
+
+One rule says whose embargo a dataset's data fall under (`governing`): its own, and that of every
+image it is shown with, so an image's embargo cannot be side-stepped through a dataset attached to
+it. The server's checks, the API's "embargo" and the viewer states all ask it.
 """
 
 from __future__ import annotations
@@ -21,6 +25,10 @@ import hmac
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .dataset import Dataset
 
 
 class TokensError(ValueError):
@@ -87,9 +95,31 @@ def check(dataset: str, embargo: bool, token: str | None, tokens: Tokens) -> Non
         raise AccessDenied(403, f"The token sent does not open dataset {dataset!r}, which is under embargo")
 
 
-def allowed(dataset: str, embargo: bool, token: str | None, tokens: Tokens) -> bool:
+def governing(ds: Dataset) -> tuple[Dataset, ...]:
+    """The datasets whose embargo rules a dataset's data fall under, images first: a skeleton
+    source's image (its `space`: tracings are shown on the brain, and reveal it), a label
+    dataset's images (every image whose catalog `labels` list it: it is their anatomy, served in
+    their labels/ groups), then the dataset itself."""
+    images = (ds.space,) if ds.space is not None else ds.images
+    return (*images, ds)
+
+
+def embargoed(ds: Dataset) -> bool:
+    """The effective embargo: whether reading this dataset's data takes a token."""
+    return any(each.spec.embargo for each in governing(ds))
+
+
+def check_dataset(ds: Dataset, token: str | None, tokens: Tokens) -> None:
+    """Raise AccessDenied unless this request may read the dataset's data: a token must open
+    every embargoed dataset that governs it (the image's token opens a public label or skeleton
+    source attached to it)."""
+    for each in governing(ds):
+        check(each.spec.id, each.spec.embargo, token, tokens)
+
+
+def readable(ds: Dataset, token: str | None, tokens: Tokens) -> bool:
     try:
-        check(dataset, embargo, token, tokens)
+        check_dataset(ds, token, tokens)
     except AccessDenied:
         return False
     return True

@@ -255,6 +255,8 @@ def serve(specs: list[DatasetSpec], args: argparse.Namespace, tokens: Tokens, so
                 if s.kind != "skeletons"}
     skeletons = {s.id: Dataset(s, cache, recheck=args.recheck, workers=workers, space=datasets[s.space])
                  for s in specs if s.kind == "skeletons"}  # after the images whose frames they are in
+    for ds in datasets.values():  # a label dataset falls under the embargo of every image it is attached to
+        ds.images = tuple(image for image in datasets.values() if ds.spec.id in image.spec.labels)
     _check_labels(datasets)
     base = _base(args)
     if index == 0:

@@ -74,6 +74,7 @@ class Dataset:
                  space: Dataset | None = None):
         self.spec, self.cache, self.workers = spec, cache, workers
         self.space = space  # a skeleton source's image, whose frame its tracings are placed in
+        self.images: tuple[Dataset, ...] = ()  # a label dataset's images: those whose catalog `labels` list it
         # derived bytes are keyed by it too, so an edited catalog entry or an upgrade makes new ones
         self.revision = hashlib.blake2b(f"{spec!r}{CODE_REVISION}".encode(), digest_size=8).hexdigest()
         self.recheck = recheck  # seconds between checks of the source files

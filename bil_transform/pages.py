@@ -7,7 +7,7 @@ import json
 import urllib.parse
 from collections.abc import Mapping, Sequence
 
-from . import records
+from . import access, records
 from .dataset import Dataset
 from .writers import precomputed_encodings
 from .writers.listing import suffixed
@@ -24,16 +24,17 @@ SUFFIXED = ("zarr", "zarr3", "zarr3-sharded")  # zarr views that links also give
 
 
 def links(ds: Dataset, base: str, viewer: str = DEFAULT_VIEWER, reveal: bool = True,
-          skeletons: Sequence[Dataset] = ()) -> dict:
+          skeletons: Sequence[Dataset] = (), labels: Sequence[str] | None = None) -> dict:
     """Every URL a client may want for this dataset (the `links` of /api/datasets). Without
     `reveal` (an embargoed dataset, no token) the thumbnail and the Neuroglancer state, which
     carry what is computed from the voxels, are left out; the URLs answer 401 until a token comes.
-    `skeletons`: the open skeleton sources the image's Neuroglancer state shows with it."""
+    `skeletons`: the open skeleton sources the image's Neuroglancer state shows with it; `labels`:
+    the attached labels it shows (those the request may read; None: all)."""
     root = f"{base}/ds/{ds.spec.id}"
     out = {"self": f"{base}/api/datasets/{ds.spec.id}"}
     snap = ds.snapshot  # one version throughout, though a reopen may swap it meanwhile
     if ds.spec.kind == "skeletons":
-        return {**out, **_skeleton_links(ds, base, viewer, reveal)}
+        return {**out, **_skeleton_links(ds, base, viewer, reveal, labels)}
     if snap.pyramid is None:
         return out
     out.update({view: f"{root}/{view}" for view in ("zarr", "zarr3", "zarr3-sharded", "precomputed",
@@ -52,11 +53,11 @@ def links(ds: Dataset, base: str, viewer: str = DEFAULT_VIEWER, reveal: bool = T
     if skeletons:
         out["skeletons"] = {s.spec.id: f"precomputed://{base}/ds/{s.spec.id}/skeletons" for s in skeletons}
     if reveal:
-        out["neuroglancer"] = neuroglancer_url(ds, base, viewer, skeletons)
+        out["neuroglancer"] = neuroglancer_url(ds, base, viewer, skeletons, labels)
     return out
 
 
-def _skeleton_links(source: Dataset, base: str, viewer: str, reveal: bool) -> dict:
+def _skeleton_links(source: Dataset, base: str, viewer: str, reveal: bool, labels: Sequence[str] | None) -> dict:
     """A skeleton source's URLs: its skeletons, the volume cloud-volume opens, its original files,
     its image, and (to those who may see them) the image in Neuroglancer with these neurons on it."""
     root = f"{base}/ds/{source.spec.id}"
@@ -64,13 +65,15 @@ def _skeleton_links(source: Dataset, base: str, viewer: str, reveal: bool) -> di
            "manifest": f"{root}/manifest.json", "space": f"{base}/api/datasets/{source.spec.space}"}
     image = source.space
     if reveal and source.tracings is not None and image is not None and image.pyramid is not None:
-        out["neuroglancer"] = neuroglancer_url(image, base, viewer, [source])
+        out["neuroglancer"] = neuroglancer_url(image, base, viewer, [source], labels)
     return out
 
 
-def neuroglancer_state(ds: Dataset, base: str, skeletons: Sequence[Dataset] = ()) -> dict:
+def neuroglancer_state(ds: Dataset, base: str, skeletons: Sequence[Dataset] = (),
+                       labels: Sequence[str] | None = None) -> dict:
     """Layers pointing at this server: one per channel (coloured, additive) for multi-channel images;
-    over them the attached labels, and each skeleton source with all its neurons shown."""
+    over them the attached labels (of those, `labels` only, when given: a layer the viewer's user
+    may not read would only fail), and each skeleton source with all its neurons shown."""
     pyramid = ds.pyramid
     vol = pyramid.volume
     root = f"precomputed://{base}/ds/{ds.spec.id}"
@@ -86,7 +89,7 @@ def neuroglancer_state(ds: Dataset, base: str, skeletons: Sequence[Dataset] = ()
                   for c, ch in enumerate(vol.channels[:MAX_LAYERS])]
     # attached labels, over the image: the OME-Zarr label groups place each on its image level
     layers += [{"type": "segmentation", "source": f"zarr://{base}/ds/{ds.spec.id}/zarr/labels/{name}/", "name": name}
-               for name in ds.spec.labels]
+               for name in ds.spec.labels if labels is None or name in labels]
     layers += [skeleton_layer(source, base) for source in skeletons if source.tracings is not None]
     return {"layers": layers, "layout": "4panel"}
 
@@ -100,8 +103,9 @@ def skeleton_layer(source: Dataset, base: str) -> dict:
             "segmentColors": {str(i): NEURON_COLORS[n % len(NEURON_COLORS)] for n, i in enumerate(segids)}}
 
 
-def neuroglancer_url(ds: Dataset, base: str, viewer: str = DEFAULT_VIEWER, skeletons: Sequence[Dataset] = ()) -> str:
-    state = json.dumps(neuroglancer_state(ds, base, skeletons), separators=(",", ":"))
+def neuroglancer_url(ds: Dataset, base: str, viewer: str = DEFAULT_VIEWER, skeletons: Sequence[Dataset] = (),
+                     labels: Sequence[str] | None = None) -> str:
+    state = json.dumps(neuroglancer_state(ds, base, skeletons, labels), separators=(",", ":"))
     return f"{viewer}#!{urllib.parse.quote(state, safe='')}"
 
 
@@ -152,7 +156,7 @@ def index_html(found: list[Dataset], total: int, offset: int, limit: int, facets
                         f"<td>{viewer_link}<code>{e(link['skeletons'])}</code></td></tr>")
             continue
         picture = (f"<img src='{e(link['thumbnail'])}' loading=lazy alt='' width=96>" if reveal
-                   else "under embargo" if ds.spec.embargo else "")
+                   else "under embargo" if access.embargoed(ds) else "")
         viewer_link = f"<a href='{e(link['neuroglancer'])}'>open in Neuroglancer</a><br>" if reveal else ""
         encoding = records.summary(ds)["precomputed"]["encoding"]
         rows.append(f"<tr><td>{picture}</td><td><a href='{e(landing)}'><b>{e(ds.spec.id)}</b></a><br>{title}</td>"
@@ -214,7 +218,7 @@ def landing_html(ds: Dataset, base: str, reveal: bool, link: dict, traced: Seque
         return _page(ds.spec.id, head + _tracings_html(ds, base, reveal, link, line, viewer_link)
                      + f"<table>{meta}</table>{foot}")
     picture = f"<img src='{e(link['thumbnail'])}' alt='' width=256>" if reveal else (
-        "<p>Under embargo: its voxels need a token.</p>" if ds.spec.embargo else "")
+        "<p>Under embargo: its voxels need a token.</p>" if access.embargoed(ds) else "")
     # napari-ome-zarr claims only paths ending in .zarr: the bare /zarr view is "no compatible reader"
     ways = [line("napari", f"napari --plugin napari-ome-zarr {link['zarr_suffixed']}"),
             line("zarr-python", f"import zarr; level0 = zarr.open_group('{root}/zarr', mode='r')['0']"),

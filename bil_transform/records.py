@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import search
+from . import access, search
 from .dataset import Dataset, Snapshot
 from .tracings import Traced
 from .writers import default_encoding, precomputed_encodings, served_dtype
@@ -23,7 +23,8 @@ def searchable(ds: Dataset) -> dict[str, str]:
 def summary(ds: Dataset, snap: Snapshot | None = None) -> dict:
     """What the catalog and the reader know without reading voxels."""
     spec, snap = ds.spec, snap or ds.snapshot
-    doc: dict = {"id": spec.id, **spec.metadata, "kind": spec.kind, "embargo": spec.embargo}
+    doc: dict = {"id": spec.id, **spec.metadata, "kind": spec.kind,
+                 "embargo": access.embargoed(ds)}  # the effective one: an image's embargo covers what is attached to it
     if spec.kind == "skeletons":
         doc.update(space=spec.space, units=spec.units, offset=list(spec.offset))
     if snap.error is not None:

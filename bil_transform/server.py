@@ -91,6 +91,13 @@ async def _cors(request: web.Request, response: web.StreamResponse) -> None:
     response.headers.update(CORS)
 
 
+async def _private(request: web.Request, response: web.StreamResponse) -> None:
+    """An answer that an embargo had a say in (request["private"]: a listing, a page, an API
+    document) is kept from shared caches, whatever route made it."""
+    if request.get("private"):
+        response.headers["Cache-Control"] = PRIVATE if response.headers.get("Cache-Control") else "private"
+
+
 @web.middleware
 async def errors_and_preflights(request: web.Request, handler: Callable) -> web.StreamResponse:
     """Every failure is one sentence with the right status. OPTIONS preflights are answered
@@ -174,15 +181,12 @@ def _token(request: web.Request) -> str | None:
     return (value.strip() or None) if scheme.lower() == "bearer" else None
 
 
-def _embargoes(ds: Dataset) -> tuple[Dataset, ...]:
-    """The datasets whose embargo rules a dataset's data fall under: its own, and a skeleton
-    source's image's first (tracings are shown on the brain, and reveal it)."""
-    return (ds.space, ds) if ds.space is not None else (ds,)
-
-
 def _may_read(request: web.Request, ds: Dataset) -> bool:
-    return all(access.allowed(each.spec.id, each.spec.embargo, _token(request), request.app[TOKENS])
-               for each in _embargoes(ds))
+    """Whether this request may read a dataset's data; an answer that asked is private when the
+    answer could differ by token (the dataset is under embargo, its own or an image's)."""
+    if access.embargoed(ds):
+        request["private"] = True
+    return access.readable(ds, _token(request), request.app[TOKENS])
 
 
 async def _current(request: web.Request, ds: Dataset) -> Snapshot:
@@ -190,10 +194,9 @@ async def _current(request: web.Request, ds: Dataset) -> Snapshot:
     anything is computed or revealed, a 304 included), then the check of its files when one is
     due. An unavailable dataset answers 503 with Retry-After, never 404: a zarr client reads a 404
     chunk as zeros."""
-    for each in _embargoes(ds):
-        access.check(each.spec.id, each.spec.embargo, _token(request), request.app[TOKENS])
-        if each.spec.embargo:
-            request["private"] = True
+    access.check_dataset(ds, _token(request), request.app[TOKENS])
+    if access.embargoed(ds):
+        request["private"] = True
     pending = ds.check()
     if pending is not None:  # shielded: a client that leaves must not cancel a check others rely on
         await asyncio.shield(asyncio.wrap_future(pending))
@@ -385,6 +388,8 @@ async def dataset_view(request: web.Request) -> web.Response:
     except ValueError as exc:
         raise web.HTTPBadRequest(text=str(exc)) from None
     zarr = parse_view(name)[0] in ZARR_FORMATS
+    if zarr and _lists_closed(request, ds, key):
+        request["private"] = True
     if not key or key.endswith("/"):
         return _listing(request, view, key)
     try:
@@ -412,16 +417,27 @@ def _listing(request: web.Request, view, prefix: str) -> web.Response:
 
 def _labels(request: web.Request, image: Dataset) -> dict[str, Pyramid]:
     """The label datasets attached to an image that are open now and that this request may read
-    (an embargoed label stays out of a public image's labels/ group)."""
+    (an embargoed label stays out of a public image's labels/ group). Asking marks nothing
+    private: only the keys that list or hold a closed label differ by token (_lists_closed)."""
     found = {}
     for name in image.spec.labels:
         label = request.app[DATASETS].get(name)
         pyramid = label.pyramid if label is not None else None
-        if label is not None and label.spec.embargo:
-            request["private"] = True  # the group lists it for some tokens only
-        if pyramid is not None and _may_read(request, label):
+        if pyramid is not None and access.readable(label, _token(request), request.app[TOKENS]):
             found[name] = pyramid
     return found
+
+
+def _lists_closed(request: web.Request, image: Dataset, key: str) -> bool:
+    """Whether a key of an image's zarr view differs by token because of its labels: the root's
+    documents and listing and the labels/ group's list the labels this request may read, and
+    labels/NAME/ holds NAME's voxels; an image's own arrays never do (so they stay public)."""
+    closed = {name for name in image.spec.labels
+              if (label := request.app[DATASETS].get(name)) is not None and access.embargoed(label)}
+    if not closed or ("/" in key and not key.startswith("labels/")):
+        return False
+    name, _, rest = key.removeprefix("labels/").partition("/")
+    return "/" not in key or name in closed or name not in image.spec.labels  # the group's own keys
 
 
 async def dataset_region(request: web.Request) -> web.StreamResponse:
@@ -507,10 +523,17 @@ def _shown_with(request: web.Request, image: Dataset) -> list[Dataset]:
     return [s for s in _traced_on(request, image) if s.tracings is not None and _may_read(request, s)]
 
 
+def _shown_labels(request: web.Request, image: Dataset | None) -> list[str]:
+    """The labels the image's Neuroglancer state shows: those this request may read."""
+    datasets = request.app[DATASETS]
+    return [name for name in (image.spec.labels if image is not None else ())
+            if name in datasets and _may_read(request, datasets[name])]
+
+
 def _links(request: web.Request, ds: Dataset) -> dict:
     """pages.links for this request (runs on the workers)."""
     return pages.links(ds, _base_url(request), request.app[STATE]["viewer"], _may_read(request, ds),
-                       _shown_with(request, ds))
+                       _shown_with(request, ds), _shown_labels(request, ds.space or ds))
 
 
 async def list_datasets(request: web.Request) -> web.Response:
@@ -656,6 +679,7 @@ def create_app(datasets: dict[str, Dataset], cache: Cache, workers: Workers,
     Every route also answers under /token/TOKEN/, for clients that cannot send headers."""
     app = web.Application(middlewares=[observed, errors_and_preflights])
     app.on_response_prepare.append(_cors)
+    app.on_response_prepare.append(_private)
     app[DATASETS], app[CACHE], app[CHUNKS], app[WORKERS] = datasets, cache, cache.section("chunks"), workers
     app[SKELETONS] = skeletons or {}
     app[TRACED_ON] = {}
