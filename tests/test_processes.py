@@ -278,3 +278,95 @@ def test_the_disk_tier_keeps_arrays_whole_and_within_its_bound(tmp_path):
     small = DiskTier(tmp_path / "small", WAL + block.nbytes // 2)  # less than its bytes, more than its first axis
     small.put("block", block)
     assert small.get("block") is None and small.stats()["writes"] == 0  # never written, only to be culled
+
+
+# A process that claims a chunk's key on the disk tier as a server process would, says so, and
+# then waits to be killed mid-"computation".
+CLAIMANT = """
+import sys, time
+from bil_transform.cache import Cache
+from bil_transform.cache.disk import DiskTier, disk_key
+from bil_transform.catalog import load_catalog
+from bil_transform.dataset import Dataset
+from bil_transform.writers import make_view
+
+spec = load_catalog(sys.argv[1])[0]
+cache = Cache(2**26)
+ds = Dataset(spec, cache)
+view = make_view(ds.pyramid, "zarr", cache.section("chunks"), compression=spec.compression, encoding=spec.encoding)
+key = disk_key("chunks", view.resource(sys.argv[3]).key)
+assert DiskTier(sys.argv[2], 2**40).claim(key)
+print("claimed", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_killed_processs_claim_is_taken_over_at_once(stack):
+    """A process killed while it computes a chunk leaves its claim on the disk tier; the claim names
+    the process, so the server sees it is gone and computes the chunk at once, not after the lease."""
+    data, catalog, disk = stack
+    fleet = Fleet(catalog, disk)
+    claimant = subprocess.Popen([sys.executable, "-c", CLAIMANT, str(catalog), str(disk), "0/0/0/0/1/1"],
+                                stdout=subprocess.PIPE, env=os.environ)
+    try:
+        assert claimant.stdout.readline().strip() == b"claimed"
+        claimant.kill()
+        claimant.wait()
+        with requests.Session() as s:  # the lease is 60 s: a client that gives up after 20 s proves it
+            r = s.get(fleet.url("/ds/stack/zarr/0/0/0/0/1/1"), timeout=20)
+        assert r.status_code == 200 and r.content == level0_chunk(data, 0, 1, 1)
+        assert fleet.chunk("0/0/0/0/1/1") == r.content
+        m = fleet.settled("bil_transform_disk_cache_waits_total", 1)  # it did find the claim and waited on it
+        assert m["bil_transform_disk_cache_writes_total"] >= 1
+    finally:
+        claimant.kill()
+        fleet.stop()
+
+
+def test_the_disk_tier_is_its_users_alone(stack):
+    """Embargoed voxels are stored there: 0700 directories and 0600 files, whatever the umask."""
+    import stat
+
+    data, catalog, disk = stack
+    before = os.umask(0o022)  # the server inherits it: the usual one, which makes 0755 and 0644
+    try:
+        fleet = Fleet(catalog, disk)
+    finally:
+        os.umask(before)
+    try:
+        assert fleet.chunk("0/0/0/0/0/0") == level0_chunk(data, 0, 0, 0)
+        fleet.settled("bil_transform_disk_cache_writes_total", 1)
+    finally:
+        fleet.stop()
+    found = [disk, *disk.rglob("*")]
+    assert any(p.suffix == ".val" for p in found) and any(p.name == "cache.db" for p in found)
+    for path in found:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        assert mode == (0o700 if path.is_dir() else 0o600), (str(path), oct(mode))
+
+
+def test_a_claim_of_a_live_process_holds_and_a_reused_pids_does_not(tmp_path):
+    """A claim names its process by pid namespace, pid and start time: a live claimant is waited for
+    (its value arrives), a claim whose pid now belongs to a later process is taken over at once."""
+    import threading
+
+    from bil_transform.cache.disk import DiskTier
+
+    tier = DiskTier(tmp_path / "tier", 2**24)
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+        start = int(Path(f"/proc/{live.pid}/stat").read_bytes().rpartition(b")")[2].split()[19])  # proc(5) field 22
+        tier.store.set(("computing", "live"), (namespace, live.pid, start), expire=60)
+        tier.store.set(("computing", "reused"), (namespace, live.pid, start - 1), expire=60)  # an earlier process's
+        assert tier.wait("reused") is None  # computed here, at once
+        assert tier.store.get(("computing", "reused")) not in (None, (namespace, live.pid, start - 1))  # now ours
+        tier.release("reused")
+        assert tier.store.get(("computing", "reused")) is None
+        threading.Timer(1.0, tier.put, ("live", b"computed by the live claimant")).start()
+        assert tier.wait("live") == b"computed by the live claimant"
+        tier.release("live")  # not ours: left to its claimant
+        assert tier.store.get(("computing", "live")) == (namespace, live.pid, start)
+    finally:
+        live.kill()
+        live.wait()

@@ -148,8 +148,7 @@ class Section:
             if isinstance(value, (bytes, np.ndarray)):  # not shard indexes' length lists
                 disk.put(name, value)
         finally:
-            if claimed:
-                disk.release(name)
+            disk.release(name)  # ours, whether claimed at first or taken over from a process that died
         return value
 
     def stats(self) -> dict[str, int]:
