@@ -102,7 +102,8 @@ def document() -> dict:
         "components": {"schemas": {
             "Summary": {"type": "object", "required": ["id", "kind", "embargo", "status", "links"], "properties": {
                 "id": {"type": "string"}, "kind": {"enum": ["image", "labels", "skeletons"]},
-                "embargo": {"type": "boolean"},
+                "embargo": {"type": "boolean", "description": "Whether its data need a token: its own embargo, or "
+                            "that of an image it is attached to (its labels, a skeleton source's space)"},
                 "status": {"enum": ["ok", "error"]}, "error": {"type": "string"}, "format": {"type": "string"},
                 "shape": {"type": "array", "items": {"type": "integer"}, "minItems": 5, "maxItems": 5},
                 "dtype": {"type": "string"}, "voxel_size": {"type": "array", "items": {"type": "number"}},
