@@ -152,7 +152,7 @@ def _listen(host: str, port: int, shared: bool = False, accept: bool = True) -> 
 
 def _disk_cache(args: argparse.Namespace, specs: list[DatasetSpec]) -> None:
     """Check --disk-cache before anything starts: never inside a dataset (the server does not
-    write next to the data), and a directory it can create and write."""
+    write next to the data), and a directory it can create, write and make its own (0700)."""
     if not args.disk_cache:
         return
     where = Path(args.disk_cache).expanduser().resolve()
@@ -164,6 +164,11 @@ def _disk_cache(args: argparse.Namespace, specs: list[DatasetSpec]) -> None:
         tempfile.TemporaryFile(dir=where).close()
     except OSError as exc:
         raise ServeError(f"--disk-cache {args.disk_cache} cannot be written: {exc.strerror or exc}") from None
+    try:
+        where.chmod(0o700)  # embargoed voxels are kept there: the server's user's alone
+    except OSError as exc:
+        raise ServeError(f"--disk-cache {args.disk_cache} cannot be made private (chmod 700): "
+                         f"{exc.strerror or exc}; choose a directory the server's user owns") from None
     args.disk_cache = str(where)
     if args.disk_cache_size is None:
         args.disk_cache_size = min(DISK_CACHE_SIZE, shutil.disk_usage(where).free // 2)
