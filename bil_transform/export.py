@@ -602,8 +602,8 @@ def _run(args: argparse.Namespace) -> int:
         raise ExportError(f"--format {args.view}: {exc.args[0] if isinstance(exc, KeyError) else exc}") from None
     kept = parse_levels(args.levels, len(pyramid.levels)) if args.levels else None
     chosen = [f for f in files(view) if kept is None or f.label is not None or f.level is None or f.level in kept]
-    if image.embargo:
-        print(f"bil-transform export: WARNING: dataset {image.id!r} is embargoed; the export holds its voxels",
+    for embargoed in (s for s in specs if s.embargo):  # the image, or a label exported with it
+        print(f"bil-transform export: WARNING: dataset {embargoed.id!r} is embargoed; the export holds its voxels",
               file=sys.stderr)
 
     run_id = uuid.uuid4().hex[:12]
