@@ -19,7 +19,7 @@ TOKEN_IN_PATH = re.compile(r"^/token/[^/]+")
 # A token wherever a log line may quote one: a /token/TOKEN/ path segment (anywhere: aiohttp's
 # parser quotes the raw request line, escaped), an Authorization header's value (its scheme
 # kept), a token= query parameter. What follows is hidden up to the next separator, escapes included.
-SECRETS = re.compile(r"(?P<keep>/token/|\btoken=|(?i:authorization)['\"]?\s*[:=,]\s*['\"]?"
+SECRETS = re.compile(r"(?P<keep>/token/|\b(?:access_)?token=|(?i:authorization)['\"]?\s*[:=,]\s*['\"]?"
                      r"(?:(?i:bearer|basic|token|digest)\s+)?|\b(?i:bearer|basic)\s+)[^/\s'\",&;?#]+")
 # Where aiohttp's parser quotes the raw request (b'...', bytearray(b'...')): a header it cannot
 # read may be a token with no name or scheme before it, so none of those bytes are logged.
@@ -97,7 +97,10 @@ class Redact(logging.Filter):
     with redact() before it is formatted. Installed on every handler configure() makes."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
+        try:
+            message = record.getMessage()
+        except Exception:  # arguments that do not fit the format: logging reports that itself
+            return True
         clean = redact(message)
         if clean != message:
             record.msg, record.args = clean, None

@@ -74,14 +74,14 @@ def _slow_reader(srv: Server, path: str, stop: threading.Event, got: list) -> No
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
         s.connect(("127.0.0.1", srv.port))
         s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-        n = 0
+        n, first = 0, b""
         while not stop.is_set():
             data = s.recv(4096)
             if not data:
                 break
-            n += len(data)
+            first, n = first or data.split(b"\r\n")[0], n + len(data)
             time.sleep(0.2)
-        got.append(n)
+        got.append((first, n))
 
 
 def _peak_rss_while_slow_readers(srv: Server, path: str, readers: int, seconds: float = 8.0) -> tuple[int, list]:
@@ -110,7 +110,7 @@ def _status_count(srv: Server, view: str, status: str) -> float:
 def test_twenty_slow_readers_of_a_128_mib_region_stay_within_the_cache_budget(served):
     """Point 3: each response held a chunk-deep band over the whole y/x extent (5.6 GB for this)."""
     peak, got = _peak_rss_while_slow_readers(served, "/ds/big/region?format=npy", 20)
-    assert len(got) == 20 and all(n > 0 for n in got), got  # all 20 were answered, none refused
+    assert got == [(b"HTTP/1.1 200 OK", n) for _, n in got] and len(got) == 20, got  # all 20 answered, none refused
     assert peak < CACHE + 300 * MiB, f"peak RSS {peak / MiB:.0f} MiB"
     r = requests.get(served.url("/ds/big/region?format=npy"), timeout=120)
     assert r.status_code == 200
@@ -120,7 +120,7 @@ def test_twenty_slow_readers_of_a_128_mib_region_stay_within_the_cache_budget(se
 def test_a_big_tiff_region_streams_within_the_budget_and_is_a_valid_tiff(served):
     """Point 3: a TIFF region was built whole (~3.5x the region), and twice per GET."""
     peak, got = _peak_rss_while_slow_readers(served, "/ds/big/region?format=tiff", 4)
-    assert len(got) == 4 and all(n > 0 for n in got), got
+    assert got == [(b"HTTP/1.1 200 OK", n) for _, n in got] and len(got) == 4, got
     assert peak < CACHE + 300 * MiB, f"peak RSS {peak / MiB:.0f} MiB"
     r = requests.get(served.url("/ds/big/region?format=tiff"), timeout=120)
     assert r.status_code == 200 and int(r.headers["Content-Length"]) == len(r.content)
@@ -234,3 +234,25 @@ def test_no_token_reaches_the_log(served, request_text):
     time.sleep(0.3)  # the log line is written as the answer goes
     log = served.log.read_text()
     assert TOKEN not in log, [line for line in log.splitlines() if TOKEN in line][:3]
+
+
+def test_no_token_reaches_a_json_log(tmp_path):
+    """Point 10, with --log-format json: the access line's own fields are redacted too."""
+    tifffile.imwrite(tmp_path / "secret.tif", np.zeros((2, 16, 16), np.uint8), photometric="minisblack")
+    (tmp_path / "tokens.toml").write_text(f'[[tokens]]\ntoken = "{TOKEN}"\ndatasets = ["secret"]\n')
+    catalog = tmp_path / "catalog.toml"
+    catalog.write_text(f'[[datasets]]\nid = "secret"\npath = "{tmp_path / "secret.tif"}"\nembargo = true\n')
+    srv = Server(catalog, ["--log-format", "json", "--tokens", str(tmp_path / "tokens.toml")])
+    try:
+        for text in CRAFTED:
+            with socket.create_connection(("127.0.0.1", srv.port), timeout=30) as s:
+                s.sendall(text.encode("latin-1"))
+                s.shutdown(socket.SHUT_WR)
+                while s.recv(65536):
+                    pass
+        assert requests.get(srv.url(f"/token/{TOKEN}/ds/secret/region"), timeout=10).status_code == 200
+        time.sleep(0.3)
+        log = srv.log.read_text()
+        assert '"status": 200' in log and TOKEN not in log, [line for line in log.splitlines() if TOKEN in line][:3]
+    finally:
+        srv.stop()
