@@ -256,3 +256,34 @@ def test_no_token_reaches_a_json_log(tmp_path):
         assert '"status": 200' in log and TOKEN not in log, [line for line in log.splitlines() if TOKEN in line][:3]
     finally:
         srv.stop()
+
+
+def test_the_in_flight_budget_queues_then_refuses():
+    """Point 3: a response waits for its share of the budget, and gets Busy (503) when it stays full."""
+    import asyncio
+
+    from bil_transform.budget import Busy, InFlight
+
+    async def run() -> list[str]:
+        budget, seen = InFlight(100, wait=0.5), []
+
+        async def holder(name: str, n: int, hold: float) -> None:
+            try:
+                async with budget.hold(n):
+                    seen.append(f"{name} in")
+                    await asyncio.sleep(hold)
+            except Busy:
+                seen.append(f"{name} busy")
+
+        first = asyncio.create_task(holder("a", 80, 0.2))
+        await asyncio.sleep(0.05)
+        await asyncio.gather(holder("b", 40, 0), first)  # b waits until a leaves
+        stuck = asyncio.create_task(holder("c", 100, 2))
+        await asyncio.sleep(0.05)
+        await holder("d", 1, 0)  # c holds it all for longer than d waits
+        stuck.cancel()
+        await asyncio.gather(stuck, return_exceptions=True)
+        assert budget.used == 0  # a response that ends, however, gives its share back
+        return seen
+
+    assert asyncio.run(run()) == ["a in", "b in", "c in", "d busy"]
