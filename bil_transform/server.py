@@ -123,14 +123,22 @@ async def errors_and_preflights(request: web.Request, handler: Callable) -> web.
         return _error(500, f"The source data cannot be read: {message}")
     except asyncio.CancelledError:
         raise
-    except ConnectionError:  # the client left while its answer was being made: no fault of ours
-        request["client_left"] = True
-        log.info("%s: the client left before its answer was sent", _shown_path(request))
-        return web.Response(status=499)
     except Exception as exc:
+        if _client_left(request, exc):  # while its answer was being made: no fault of ours
+            log.info("%s: the client left before its answer was sent", _shown_path(request))
+            return web.Response(status=499)
         log.exception("internal error on %s", _shown_path(request))
         return _error(500, f"Internal error while serving {_shown_path(request)}: {type(exc).__name__}")
     return response
+
+
+def _client_left(request: web.Request, exc: BaseException) -> bool:
+    """Whether `exc` is the client's connection gone (then the request is counted as 499), not a
+    fault of ours that happens to be a ConnectionError."""
+    gone = isinstance(exc, ConnectionError) and (request.transport is None or request.transport.is_closing())
+    if gone:
+        request["client_left"] = True
+    return gone
 
 
 async def _in_pool(request: web.Request, fn: Callable[..., Any], *args) -> Any:
@@ -372,13 +380,13 @@ async def _send(request: web.Request, body: Body, response: web.StreamResponse, 
                 piece = None  # not held while the next one is made
                 piece = await _in_pool(request, next, pieces, None)
             await response.write_eof()
-        except ConnectionError:  # aiohttp's ClientConnectionResetError is one
-            request["client_left"] = True
-            log.info("%s: the client left after %d of its bytes were sent", _shown_path(request),
-                     response.body_length)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
+            if _client_left(request, exc):
+                log.info("%s: the client left after %d of its bytes were sent", _shown_path(request),
+                         response.body_length)
+                return response
             request["failed_after_headers"] = True
             log.warning("%s failed after %d of its bytes were sent; the connection is cut: %s",
                         _shown_path(request), response.body_length, exc)
