@@ -160,10 +160,11 @@ class _Sparse:
     (tifffile seeks over an empty array's bytes): the TIFF's layout, without its size in memory."""
 
     def __init__(self) -> None:
-        self.pos, self.end, self.parts = 0, 0, {}
+        self.pos, self.end = 0, 0
+        self.parts: list[tuple[int, bytes]] = []  # in the order written: a later write wins
 
     def write(self, data: bytes) -> int:
-        self.parts[self.pos] = bytes(data)
+        self.parts.append((self.pos, bytes(data)))
         self.pos += len(data)
         self.end = max(self.end, self.pos)
         return len(data)
@@ -184,7 +185,7 @@ class _Sparse:
     def span(self, start: int, stop: int) -> bytes:
         """Bytes [start, stop), zeros where nothing was written."""
         out = bytearray(stop - start)
-        for at, data in self.parts.items():
+        for at, data in self.parts:
             lo, hi = max(at, start), min(at + len(data), stop)
             if lo < hi:
                 out[lo - start:hi - start] = data[lo - at:hi - at]
