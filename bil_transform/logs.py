@@ -16,11 +16,24 @@ from aiohttp.web import BaseRequest, StreamResponse
 
 FORMATS = ("text", "json")
 TOKEN_IN_PATH = re.compile(r"^/token/[^/]+")
+# A token wherever a log line may quote one: a /token/TOKEN/ path segment (anywhere: aiohttp's
+# parser quotes the raw request line, escaped), an Authorization header's value (its scheme
+# kept), a token= query parameter. What follows is hidden up to the next separator, escapes included.
+SECRETS = re.compile(r"(?P<keep>/token/|\b(?:access_)?token=|(?i:authorization)['\"]?\s*[:=,]\s*['\"]?"
+                     r"(?:(?i:bearer|basic|token|digest)\s+)?|\b(?i:bearer|basic)\s+)[^/\s'\",&;?#]+")
+# Where aiohttp's parser quotes the raw request (b'...', bytearray(b'...')): a header it cannot
+# read may be a token with no name or scheme before it, so none of those bytes are logged.
+REQUEST_BYTES = re.compile(r"(?:bytearray\()?b['\"]")
 
 
 def shown_path(path: str) -> str:
     """A request path as logs and messages show it: never with its token."""
     return TOKEN_IN_PATH.sub("/token/***", path)
+
+
+def redact(text: str) -> str:
+    """`text` with every token it may quote replaced by ***."""
+    return SECRETS.sub(lambda m: m["keep"] + "***", text)
 
 
 def _printable(text: str, limit: int = 200) -> str:
@@ -36,11 +49,12 @@ class AccessLogger(AbstractAccessLogger):
 
     def log(self, request: BaseRequest, response: StreamResponse, duration: float) -> None:
         target = shown_path(request.path) + (f"?{request.query_string}" if request.query_string else "")
+        status = 499 if request.get("client_left") else response.status  # nginx's code for a client that left
         fields = {"remote": request.remote or "-", "method": request.method, "path": _printable(target, 2000),
-                  "status": response.status, "bytes": response.body_length, "duration": round(duration, 6)}
+                  "status": status, "bytes": response.body_length, "duration": round(duration, 6)}
         stamp = time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime())
         self.logger.info('%s - - [%s] "%s %s HTTP/%d.%d" %d %d %.4f', fields["remote"], stamp, request.method,
-                         fields["path"], *request.version, response.status, response.body_length, duration,
+                         fields["path"], *request.version, status, response.body_length, duration,
                          extra={"fields": fields})
 
 
@@ -70,10 +84,35 @@ class ClientErrors(logging.Filter):
             suppressed, self._suppressed = self._suppressed, 0
         remote = record.args[0] if isinstance(record.args, tuple) and record.args else "-"
         record.levelno, record.levelname = logging.WARNING, "WARNING"
-        record.msg, record.args = "malformed request from %s: %s%s", (
-            remote, _printable(f"{exc.code} {exc.message}"),
+        said = " ".join(REQUEST_BYTES.split(str(exc.message), maxsplit=1)[0].split()).rstrip(":")
+        record.msg, record.args = "malformed request from %s: %s (its bytes are not logged)%s", (
+            remote, _printable(f"{exc.code} {said}"),
             f" ({suppressed} more since the last such line)" if suppressed else "")
         record.exc_info = record.exc_text = None
+        return True
+
+
+class Redact(logging.Filter):
+    """Tokens never reach the log: every line (aiohttp's own, tracebacks included) is rewritten
+    with redact() before it is formatted. Installed on every handler configure() makes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # arguments that do not fit the format: logging reports that itself
+            return True
+        clean = redact(message)
+        if clean != message:
+            record.msg, record.args = clean, None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact(record.exc_text)
+        if record.stack_info:
+            record.stack_info = redact(record.stack_info)
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict) and isinstance(fields.get("path"), str):
+            record.fields = {**fields, "path": redact(fields["path"])}
         return True
 
 
@@ -84,7 +123,7 @@ class JsonFormatter(logging.Formatter):
         doc = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"), "level": record.levelname,
                "logger": record.name, "message": record.getMessage(), **getattr(record, "fields", {})}
         if record.exc_info:
-            doc["traceback"] = self.formatException(record.exc_info)
+            doc["traceback"] = record.exc_text or self.formatException(record.exc_info)
         return json.dumps(doc)
 
 
@@ -93,10 +132,11 @@ ACCESS = logging.getLogger("bil_transform.access")
 
 def configure(log_format: str = "text") -> None:
     """Everything to stderr in one format (access lines bare in text, as web servers write them);
-    aiohttp's parse errors through ClientErrors."""
+    aiohttp's parse errors through ClientErrors; tokens redacted from every line (Redact)."""
     def handler(text_format: str) -> logging.Handler:
         h = logging.StreamHandler(sys.stderr)
         h.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(text_format))
+        h.addFilter(Redact())
         return h
 
     root = logging.getLogger()

@@ -43,6 +43,9 @@ def document() -> dict:
         "paths": {
             "/": {"get": {"summary": "The HTML index", "responses": {"200": {"description": "HTML"}}}},
             "/healthz": {"get": {"summary": "Liveness", "responses": {"200": {"description": "ok"}}}},
+            "/readyz": {"get": {"summary": "Readiness: how many datasets can be served", "responses": {
+                "200": {"description": "ready: N of M datasets can be served"},
+                "503": {"description": "none can be served"}}}},
             "/metrics": {"get": {"summary": "Prometheus counters", "responses": {"200": {"description": "text"}}}},
             "/api/openapi.json": {"get": {"summary": "This document", "responses": {"200": {"description": "JSON"}}}},
             "/api/datasets": {"get": {
@@ -71,7 +74,7 @@ def document() -> dict:
                                                    ("coords", "level or full"), ("format", "npy, tiff or raw")]],
                 "responses": {"200": {"description": "npy, ImageJ TIFF or raw (X-Shape, X-Dtype)",
                                       "content": {"application/octet-stream": {}, "image/tiff": {}}},
-                              "400": ERROR, "413": ERROR, **UNAUTHORIZED}}},
+                              "400": ERROR, "413": ERROR, "503": ERROR, **UNAUTHORIZED}}},
             "/ds/{id}/": {"get": {"summary": "The dataset's landing page", "parameters": [ID], "responses": {
                 "200": {"description": "HTML"}, "404": ERROR}}},
             "/ds/{id}": {"get": {"summary": "The landing page too", "parameters": [ID], "responses": {

@@ -16,6 +16,7 @@ from aiohttp import web
 
 from . import access, openapi, pages, records, search
 from .access import AccessDenied, Tokens
+from .budget import Busy, InFlight
 from .cache import Cache, Section
 from .dataset import Dataset, Snapshot
 from .logs import shown_path
@@ -130,9 +131,21 @@ async def errors_and_preflights(request: web.Request, handler: Callable) -> web.
     except asyncio.CancelledError:
         raise
     except Exception as exc:
+        if _client_left(request, exc):  # while its answer was being made: no fault of ours
+            log.info("%s: the client left before its answer was sent", _shown_path(request))
+            return web.Response(status=499)
         log.exception("internal error on %s", _shown_path(request))
         return _error(500, f"Internal error while serving {_shown_path(request)}: {type(exc).__name__}")
     return response
+
+
+def _client_left(request: web.Request, exc: BaseException) -> bool:
+    """Whether `exc` is the client's connection gone (then the request is counted as 499), not a
+    fault of ours that happens to be a ConnectionError."""
+    gone = isinstance(exc, ConnectionError) and (request.transport is None or request.transport.is_closing())
+    if gone:
+        request["client_left"] = True
+    return gone
 
 
 async def _in_pool(request: web.Request, fn: Callable[..., Any], *args) -> Any:
@@ -339,24 +352,51 @@ async def _serve(request: web.Request, body: Body) -> web.StreamResponse:
 async def _stream(request: web.Request, body: Body, response: web.StreamResponse, start: int,
                   stop: int) -> web.StreamResponse:
     """Send bytes [start, stop) of a body piece by piece as the workers make them (chunked when the
-    response has no length)."""
-    pieces = body.read(start, stop)
-    piece = await _in_pool(request, next, pieces, None)  # a failure before any byte is sent gets its status
-    response.content_type = body.content_type
-    await response.prepare(request)
+    response has no length). A body that says what it holds while it streams (`in_flight`) holds
+    that much of the server's in-flight budget until it is sent, or is answered 503 when the
+    budget stays full."""
+    held = getattr(body, "in_flight", 0)
+    if not held:
+        return await _send(request, body, response, start, stop)
     try:
-        while piece is not None:
-            await response.write(piece)
-            piece = await _in_pool(request, next, pieces, None)
-        await response.write_eof()
-    except ConnectionError:
-        raise  # the client went away
-    except Exception as exc:
-        # The status is sent: cut the connection, so the client sees a short body, never a wrong one.
-        log.warning("%s failed after %d of its bytes were sent: %s", _shown_path(request), response.body_length,
-                    exc)
-        if request.transport is not None:
-            request.transport.close()
+        async with request.app[STATE]["in_flight"].hold(held):
+            return await _send(request, body, response, start, stop)
+    except Busy as exc:
+        raise web.HTTPServiceUnavailable(text=f"The server is busy streaming other answers ({exc}); retry shortly",
+                                         headers={"Retry-After": "1"}) from None
+
+
+async def _send(request: web.Request, body: Body, response: web.StreamResponse, start: int,
+                stop: int) -> web.StreamResponse:
+    """The first piece is made before the status goes out, so what fails there gets its status.
+    A failure after it aborts the connection (no terminating chunk; fewer bytes than the
+    Content-Length), so that no client takes a short body for a whole one. A client that leaves
+    is logged once, without a traceback, and counted as 499."""
+    pieces = body.read(start, stop)
+    try:
+        piece = await _in_pool(request, next, pieces, None)  # a failure before any byte is sent gets its status
+        response.content_type = body.content_type
+        try:
+            await response.prepare(request)
+            while piece is not None:
+                await response.write(piece)
+                piece = None  # not held while the next one is made
+                piece = await _in_pool(request, next, pieces, None)
+            await response.write_eof()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if _client_left(request, exc):
+                log.info("%s: the client left after %d of its bytes were sent", _shown_path(request),
+                         response.body_length)
+                return response
+            request["failed_after_headers"] = True
+            log.warning("%s failed after %d of its bytes were sent; the connection is cut: %s",
+                        _shown_path(request), response.body_length, exc)
+            if request.transport is not None:
+                request.transport.close()
+    finally:
+        pieces.close()
     return response
 
 
@@ -450,7 +490,7 @@ async def dataset_region(request: web.Request) -> web.StreamResponse:
         raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=0, text=str(exc)) from None
     except ValueError as exc:
         raise web.HTTPBadRequest(text=str(exc)) from None
-    return await _serve(request, RegionBody(region))
+    return await _serve(request, RegionBody(region, request.app[STATE]["in_flight"].piece_bytes))
 
 
 async def dataset_manifest(request: web.Request) -> web.StreamResponse:
@@ -620,7 +660,20 @@ async def openapi_document(request: web.Request) -> web.Response:
 
 
 async def healthz(request: web.Request) -> web.Response:
+    """Liveness: the process answers."""
     return web.Response(text="ok\n")
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Readiness: how many datasets (skeleton sources included) can be served now; 503 when
+    none can, so a load balancer sends requests elsewhere."""
+    every = [*request.app[DATASETS].values(), *request.app[SKELETONS].values()]
+    ready = sum(ds.error is None for ds in every)
+    text = f"ready: {ready} of {len(every)} datasets can be served\n"
+    if not ready:
+        retry = max((ds.recheck for ds in every), default=1)
+        return web.Response(status=503, text=text, headers={"Retry-After": str(max(1, math.ceil(retry)))})
+    return web.Response(text=text)
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -634,7 +687,7 @@ async def observed(request: web.Request, handler: Callable) -> web.StreamRespons
     status, response = 500, None
     try:
         response = await handler(request)
-        status = response.status
+        status = 499 if request.get("client_left") else 500 if request.get("failed_after_headers") else response.status
         return response
     except web.HTTPException as exc:
         status = exc.status
@@ -688,9 +741,10 @@ def create_app(datasets: dict[str, Dataset], cache: Cache, workers: Workers,
     app[TOKENS] = tokens or Tokens()
     app[STATE] = {"queued": 0, "max_queued": workers.threads * 256, "viewer": viewer, "max_region": max_region,
                   "public_url": public_url.rstrip("/") if public_url else None, "trust_forwarded": trust_forwarded}
+    app[STATE]["in_flight"] = InFlight.for_cache(cache.max_bytes)
     app[METRICS] = Metrics(cache, workers.meter, {**datasets, **app[SKELETONS]}, lambda: app[STATE]["queued"])
     routes = [("/", index), ("/healthz", healthz), ("/metrics", metrics), ("/api/datasets", list_datasets),
-              ("/api/openapi.json", openapi_document),
+              ("/api/openapi.json", openapi_document), ("/readyz", readyz),
               ("/api/datasets/{id}", get_dataset), ("/ds/{id}/thumbnail.png", dataset_thumbnail),
               ("/ds/{id}/region", dataset_region), ("/ds/{id}/manifest.json", dataset_manifest),
               ("/ds/{id}/info", skeleton_volume_info), ("/ds/{id}/skeletons/{key:.+}", skeleton_file)]

@@ -2,9 +2,9 @@
 
 `/ds/ID/region?level=L&z=A:B&y=C:D&x=E:F[&t=T|A:B][&c=C|A:B|0,2][&coords=level|full][&format=npy|tiff|raw]`
 
-The box is read through the same pyramid (and so the same cached blocks) as the views. npy and
-raw are streamed one plane band at a time, so a large box never sits whole in memory; TIFF is
-written whole (tifffile needs the array), which the size limit bounds.
+The box is read through the same pyramid (and so the same cached blocks) as the views. Every
+format streams in pieces of bounded size (planes, rows of a plane, or pieces of a row), so a large
+box never sits whole in memory: TIFF too, uncompressed, its layout written by tifffile up front.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from .resource import BINARY
 
 FORMATS = {"npy": "application/octet-stream", "raw": BINARY, "tiff": "image/tiff"}
 IMAGEJ_DTYPES = ("uint8", "uint16", "float32")
+PIECE_BYTES = 4 * 2**20  # the most one piece of a region body holds, unless the server asks for less
 
 
 class RegionTooLarge(ValueError):
@@ -113,25 +114,114 @@ class Region:
     def nbytes(self) -> int:
         return math.prod(self.shape) * self.dtype.itemsize
 
-    def bands(self) -> Iterator[np.ndarray]:
-        """The box in C order, one (time, channel, chunk-deep z band) at a time."""
-        (z0, z1), ys, xs = self.box
-        depth = self.pyramid.levels[self.level].chunks[0]
+    def pieces(self, limit: int) -> Iterator[tuple[int, int, tuple[slice, slice, slice]]]:
+        """The box as (time, channel, (z, y, x) slices) in the order its bytes go out (C order of
+        (t, c, z, y, x); (t, z, c, y, x), ImageJ's, for TIFF), each holding at most `limit` bytes
+        (and never less than one voxel): whole planes up to a chunk deep, else rows of one plane,
+        else pieces of one row."""
+        (z0, z1), (y0, y1), (x0, x1) = self.box
+        item = self.dtype.itemsize
+        row = (x1 - x0) * item
+        plane = row * (y1 - y0)
+        interleaved = self.format == "tiff" and len(self.channels) > 1  # a TIFF page is one plane of one channel
+        depth = 1 if interleaved else max(1, min(self.pyramid.levels[self.level].chunks[0], limit // plane))
+
+        def within(z: int) -> Iterator[tuple[slice, slice, slice]]:
+            zs = slice(z, min(z + depth, z1))
+            if plane <= limit:
+                yield zs, slice(y0, y1), slice(x0, x1)
+            elif row <= limit:
+                rows = limit // row
+                for y in range(y0, y1, rows):
+                    yield zs, slice(y, min(y + rows, y1)), slice(x0, x1)
+            else:
+                width = max(1, limit // item)
+                for y in range(y0, y1):
+                    for x in range(x0, x1, width):
+                        yield zs, slice(y, y + 1), slice(x, min(x + width, x1))
+
         for t in self.times:
-            for c in self.channels:
-                for z in range(z0, z1, depth):
-                    zs = slice(z, min(z + depth, z1))
-                    yield self.pyramid.read(self.level, t, c, (zs, slice(*ys), slice(*xs)))
+            if interleaved:
+                for z in range(z0, z1):
+                    for c in self.channels:
+                        yield from ((t, c, box) for box in within(z))
+            else:
+                for c in self.channels:
+                    for z in range(z0, z1, depth):
+                        yield from ((t, c, box) for box in within(z))
+
+    def read(self, t: int, c: int, box: tuple[slice, slice, slice]) -> np.ndarray:
+        """One piece, C-contiguous in the region's (little-endian) dtype."""
+        return np.ascontiguousarray(self.pyramid.read(self.level, t, c, box), self.dtype)
+
+
+class _Sparse:
+    """A write-only file that keeps what tifffile writes except the pixel data, which it skips
+    (tifffile seeks over an empty array's bytes): the TIFF's layout, without its size in memory."""
+
+    def __init__(self) -> None:
+        self.pos, self.end = 0, 0
+        self.parts: list[tuple[int, bytes]] = []  # in the order written: a later write wins
+
+    def write(self, data: bytes) -> int:
+        self.parts.append((self.pos, bytes(data)))
+        self.pos += len(data)
+        self.end = max(self.end, self.pos)
+        return len(data)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self.pos = (0, self.pos, self.end)[whence] + offset
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def flush(self) -> None:
+        pass
+
+    def seekable(self) -> bool:
+        return True
+
+    def span(self, start: int, stop: int) -> bytes:
+        """Bytes [start, stop), zeros where nothing was written."""
+        out = bytearray(stop - start)
+        for at, data in self.parts:
+            lo, hi = max(at, start), min(at + len(data), stop)
+            if lo < hi:
+                out[lo - start:hi - start] = data[lo - at:hi - at]
+        return bytes(out)
+
+
+def _tiff_layout(region: Region) -> tuple[bytes, bytes]:
+    """An uncompressed ImageJ hyperstack's bytes before and after its pixel data, which lie
+    between them in one contiguous run in (t, z, c, y, x) order: written by tifffile without the
+    data, so a TIFF region streams like npy, band by band."""
+    r = region
+    voxel = [v * f for v, f in zip(r.pyramid.volume.voxel_size, r.pyramid.levels[r.level].factors)]
+    t, c, z, y, x = r.shape
+    sink = _Sparse()
+    tifffile.imwrite(sink, shape=(t, z, c, y, x), dtype=r.dtype, byteorder="<", imagej=True,
+                     resolution=(1 / voxel[2], 1 / voxel[1]),
+                     metadata={"axes": "TZCYX", "spacing": voxel[0], "unit": "um"})
+    with tifffile.TiffFile(io.BytesIO(sink.span(0, min(sink.end, 1 << 16)))) as tif:
+        page = tif.pages.first
+        if page.compression != 1 or not tif.is_imagej:
+            raise RuntimeError("tifffile wrote no uncompressed ImageJ TIFF")  # its pixels would not be one run
+        start = page.dataoffsets[0]
+    stop = start + r.nbytes
+    return sink.span(0, start), sink.span(stop, sink.end)
 
 
 class RegionBody:
-    """A region as a body (resource.py's contract): never cached whole, streamed band by band."""
+    """A region as a body (resource.py's contract): never cached whole, streamed piece by piece,
+    each at most `piece_bytes`, whatever the format. Its length is known before any voxel is read."""
 
     compressible = False
-    streamed = False  # its length is known (npy, raw) or it is made whole (tiff)
+    streamed = False  # its length is known
 
-    def __init__(self, region: Region):
+    def __init__(self, region: Region, piece_bytes: int = PIECE_BYTES):
         self.region = region
+        self.piece_bytes = piece_bytes
         self.content_type = FORMATS[region.format]
         self.key: Hashable = ("region", *region.pyramid.key, region.level, region.times, region.channels,
                               region.box, region.format)
@@ -140,43 +230,53 @@ class RegionBody:
             header = io.BytesIO()
             np.lib.format.write_array_header_1_0(
                 header, {"descr": region.dtype.str, "fortran_order": False, "shape": region.shape})
-            self._head = header.getvalue()
+            self._head, self._tail = header.getvalue(), b""
         else:
-            self._head = b""
-        self.length = len(self._head) + region.nbytes if region.format != "tiff" else None
+            self._head, self._tail = b"", b""
+        # A TIFF's layout (tifffile writes an IFD a page) is made once, on a worker, by size().
+        self.length = None if region.format == "tiff" else len(self._head) + region.nbytes
+
+    @property
+    def in_flight(self) -> int:
+        """What a response holds at most while it streams: a piece, its copy in the socket's
+        buffer, and the header and trailer (a TIFF's IFDs)."""
+        return 2 * self.piece_bytes + len(self._head) + len(self._tail)
 
     def peek(self) -> None:
         return None
 
     def size(self) -> int:
-        return self.length if self.length is not None else len(self._tiff())
+        if self.length is None:
+            self._head, self._tail = _tiff_layout(self.region)
+            self.length = len(self._head) + self.region.nbytes + len(self._tail)
+        return self.length
 
-    def _tiff(self) -> bytes:
-        r = self.region
-        data = np.empty(r.shape, r.dtype)
-        flat = data.reshape(-1, *r.shape[3:])
-        row = 0
-        for band in r.bands():
-            flat[row:row + len(band)] = band
-            row += len(band)
-        voxel = [v * f for v, f in zip(r.pyramid.volume.voxel_size, r.pyramid.levels[r.level].factors)]
-        out = io.BytesIO()
-        tifffile.imwrite(out, data.transpose(0, 2, 1, 3, 4), imagej=True, resolution=(1 / voxel[2], 1 / voxel[1]),
-                         metadata={"axes": "TZCYX", "spacing": voxel[0], "unit": "um"})
-        return out.getvalue()
+    def _parts(self) -> Iterator[tuple[int, int, bytes | tuple]]:
+        """(offset, length, bytes at hand or a piece to read) in order."""
+        self.size()
+        yield 0, len(self._head), self._head
+        offset, item = len(self._head), self.region.dtype.itemsize
+        for t, c, box in self.region.pieces(self.piece_bytes):
+            n = math.prod(s.stop - s.start for s in box) * item
+            yield offset, n, (t, c, box)
+            offset += n
+        yield offset, len(self._tail), self._tail
 
     def read(self, start: int, stop: int) -> Iterator[memoryview]:
-        pieces = [self._tiff()] if self.region.format == "tiff" else self._stream()
-        offset = 0
-        for piece in pieces:
-            view = memoryview(piece).cast("B")
-            if offset + len(view) > start and offset < stop:
-                yield view[max(0, start - offset):stop - offset]
-            offset += len(view)
+        """Bytes [start, stop), reading only the pieces they cover. Bytes at hand (a header) wait
+        for the first piece read, so a failure to read shows before anything is sent."""
+        held: list[memoryview] = []
+        for offset, n, part in self._parts():
             if offset >= stop:
-                return
-
-    def _stream(self) -> Iterator[bytes | np.ndarray]:
-        yield self._head
-        for band in self.region.bands():
-            yield np.ascontiguousarray(band, self.region.dtype)
+                break
+            if offset + n <= start or n == 0:
+                continue
+            data = part if isinstance(part, bytes) else self.region.read(*part)
+            view = memoryview(data).cast("B")[max(0, start - offset):stop - offset]
+            if isinstance(part, bytes):
+                held.append(view)
+                continue
+            yield from held
+            held = []
+            yield view
+        yield from held
