@@ -613,7 +613,14 @@ def _decode(array: Array, position: tuple[int, ...]) -> np.ndarray | None:
     if any(not c <= s <= b for c, s, b in zip(cell, shape, array.block)):
         raise ValueError(f"its header says {list(shape)} voxels (x first); this block of the grid holds {list(cell)}")
     nbytes = math.prod(shape) * array.dtype.itemsize
-    raw = DECOMPRESS[array.compression](data[offset:], count * array.dtype.itemsize)
+    size = count * array.dtype.itemsize
+    try:
+        raw = DECOMPRESS[array.compression](data[offset:], size)
+    except ValueError:
+        raise
+    except Exception as exc:  # each codec says "buffer too small" or "corrupt" its own way
+        raise ValueError(f"its {array.compression} stream does not decode into the {size} bytes its header says "
+                         f"({type(exc).__name__}: {exc})") from exc
     if len(raw) < nbytes:
         raise ValueError(f"it decompresses to {len(raw)} bytes, and its header says {list(shape)} voxels of "
                          f"{array.dtype.itemsize} bytes")
