@@ -356,3 +356,34 @@ def test_a_rewrite_keeping_size_and_mtime_is_served_new(tmp_path):
         assert np.all(np.frombuffer(get().content, "<u2") == 2000)
     finally:
         srv.stop()
+
+
+def test_a_mutated_czi_claiming_a_million_planes_is_refused(tmp_path):
+    """Two 64 x 64 planes written by pylibCZIrw; then the second subblock's Z start says 2^20 (in its
+    segment and in the directory, as a bit flip in a header would): 8 GiB claimed over 16 KiB of pixels."""
+    from pylibCZIrw import czi as pyczi
+
+    path = tmp_path / "flip.czi"
+    with pyczi.create_czi(str(path)) as w:
+        for z in range(2):
+            w.write(np.full((64, 64, 1), z + 1, np.uint16), plane={"C": 0, "Z": z, "T": 0})
+    buf = bytearray(path.read_bytes())
+    entries = []  # the DV entries (ZISRAW: see tests/test_czi.py _make_pyramid for the layout)
+    at = buf.find(b"DV")
+    while at >= 0:
+        count = struct.unpack_from("<i", buf, at + 28)[0] if at + 32 <= len(buf) else 0
+        if 0 < count < 16 and all(bytes(buf[at + 32 + 20 * k:at + 36 + 20 * k]).rstrip(b"\0").isalpha()
+                                  for k in range(count)):
+            entries.append(at)
+        at = buf.find(b"DV", at + 1)
+    flipped = 0
+    for entry in entries:
+        for k in range(struct.unpack_from("<i", buf, entry + 28)[0]):
+            dim = entry + 32 + 20 * k
+            if bytes(buf[dim:dim + 4]).rstrip(b"\0") == b"Z" and struct.unpack_from("<i", buf, dim + 4)[0] == 1:
+                struct.pack_into("<i", buf, dim + 4, 2**20)
+                flipped += 1
+    assert flipped == 2, "the second plane's entry, in its segment and in the directory"
+    path.write_bytes(bytes(buf))
+    with pytest.raises(SourceError, match=r"flip.czi: .*claims 8,589,942,784 bytes and holds 16,384"):
+        open_source(path)

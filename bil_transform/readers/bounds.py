@@ -59,11 +59,11 @@ def check_volume(volume: Volume, limits: Limits | None = None) -> None:
                               "level factor must be finite numbers")
 
 
-def check_stored(path: object, what: str, claimed: int, stored: int) -> None:
-    """Refuse a dataset that claims more than a GiB while its file holds less than a millionth of
-    it: more than any codec compresses, so no voxels were ever written. Sparse data (missing
-    chunks or blocks read as the fill value) passes."""
-    if claimed > GIB and stored * 2**20 < claimed:
+def check_stored(path: object, what: str, claimed: int, stored: int, ratio: int = 2**20) -> None:
+    """Refuse a dataset that claims more than a GiB while its file holds less than 1/`ratio` of it:
+    by default a millionth, more than any codec compresses, so no voxels were ever written. Sparse
+    data (missing chunks or blocks read as the fill value) passes."""
+    if claimed > GIB and stored * ratio < claimed:
         raise SourceError(f"{path}: {what} claims {_count(claimed)} bytes and holds {stored:,}; refused as a "
                           "damaged or hostile header")
 
