@@ -193,6 +193,14 @@ def test_within_the_limits_a_dataset_that_holds_nothing_is_refused_and_a_sparse_
     _bdv_h5(tmp_path / "hollow.h5", None, shape=(2**14,) * 3)
     with pytest.raises(SourceError, match=r"hollow.h5: /t00000/s00/0/cells claims 8,796,093,022,208 bytes and holds 0"):
         open_source(tmp_path / "hollow.h5")
+    with h5py.File(tmp_path / "hollow.ims", "w") as f:  # the same claim as an Imaris file
+        group = f.create_group("DataSet/ResolutionLevel 0/TimePoint 0/Channel 0")
+        for axis in "XYZ":
+            group.attrs[f"ImageSize{axis}"] = np.array(list(str(2**14)), dtype="S1")
+        group.create_dataset("Data", shape=(2**14,) * 3, dtype=np.uint16, chunks=(64, 64, 64))
+    with pytest.raises(SourceError, match=r"hollow.ims: /DataSet/ResolutionLevel 0/TimePoint 0/Channel 0/Data claims "
+                                          r"8,796,093,022,208 bytes and holds 0"):
+        open_source(tmp_path / "hollow.ims")
 
 
 def test_30_million_time_points_in_an_xml_cost_nothing(hostile):
