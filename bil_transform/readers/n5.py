@@ -81,7 +81,7 @@ from .base import (
     um_per_unit,
     version_token,
 )
-from .bounds import check_stored
+from .bounds import GIB, check_stored
 
 ATTRIBUTES = "attributes.json"
 DTYPES = {"uint8": "u1", "uint16": "u2", "uint32": "u4", "uint64": "u8", "int8": "i1", "int16": "i2",
@@ -631,16 +631,14 @@ def _decode(array: Array, position: tuple[int, ...]) -> np.ndarray | None:
     return block
 
 
-def _written(array: Array) -> int:
-    """0 if the dataset holds no block at all (no grid directory), else its claimed size: N5 blocks
-    are files in a tree, too many to sum up at open, so only an empty grid is told apart."""
+def _written(array: Array) -> bool:
+    """Whether the dataset holds any block (a grid directory): N5 blocks are files in a tree, too
+    many to sum up at open, so only an empty grid is told apart from a sparse one."""
     try:
         with os.scandir(array.path) as entries:
-            if any(e.name.isdigit() for e in entries):
-                return math.prod(array.dims) * array.dtype.itemsize
+            return any(e.name.isdigit() for e in entries)
     except OSError:
-        pass
-    return 0
+        return False
 
 
 MISSING = np.zeros(0, np.uint8)  # a block never written, as the segments cache keeps it
@@ -654,7 +652,9 @@ class N5Reader:
         self.segments = segments or uncached("segments")
         image, note = find_image(self.path, setup)
         for array in {str(a.path): a for row in image.levels[0] for a, _, _ in row}.values():
-            check_stored(array.path, "the dataset", math.prod(array.dims) * array.dtype.itemsize, _written(array))
+            claimed = math.prod(array.dims) * array.dtype.itemsize
+            if claimed > GIB:  # only then is a listing worth it
+                check_stored(array.path, "the dataset", claimed, claimed if _written(array) else 0)
         a0 = image.levels[0][0][0][0]
         voxel, origin = voxel_size(image, note)
         translations = list(image.translations)
