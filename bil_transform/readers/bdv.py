@@ -343,11 +343,13 @@ class BdvReader:
             raise self._fail("the XML lists no ViewSetup", xml)
         try:
             desc.timepoints = timepoints = _timepoints(seq.find("Timepoints"))
+            few = sum(map(_size, timepoints)) <= bounds.LIMITS.timepoints  # a set, unless there are millions
+            listed = {tp for r in timepoints for tp in r} if few else None
             for mv in seq.findall("MissingViews/MissingView"):
                 desc.missing.add((int(mv.get("timepoint")), int(mv.get("setup"))))
             for vreg in root.findall("ViewRegistrations/ViewRegistration"):
                 tp, sid = int(vreg.get("timepoint")), int(vreg.get("setup"))
-                if sid in setups and any(tp in r for r in timepoints):
+                if sid in setups and (tp in listed if listed is not None else any(tp in r for r in timepoints)):
                     setups[sid].registrations[tp] = _composed(vreg)
         except (ValueError, TypeError) as exc:
             raise self._fail(f"unreadable BigDataViewer metadata: {exc}", xml) from exc
@@ -381,7 +383,7 @@ class BdvReader:
             raise self._fail(f"lists {sum(map(_size, kept)):,} time points up to {last}, more than the "
                              f"{bounds.LIMITS.timepoints:,} a source may have", self.xml)
         timepoints = sorted({tp for r in kept for tp in r})
-        if len(timepoints) < listed:
+        if sum(map(_size, kept)) < listed:
             self.notes.append(f"the XML lists {listed:,} time points and {self.h5.name} holds none after time point "
                               f"{last}: {len(timepoints)} served")
         if not timepoints:
