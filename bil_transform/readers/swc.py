@@ -108,10 +108,10 @@ def read_swc(path: str | Path) -> Tracing:
         values = numbers(column, True)
         exact = np.abs(values) < 2.0**53
         out = np.where(exact, values, 0).astype(np.int64)
-        for k in np.flatnonzero(~exact):
+        for k in np.flatnonzero(~exact | (values < -(2.0 ** (bits - 1))) | (values >= 2.0 ** (bits - 1))):
             text = rows[k].split()[column]
             try:
-                value = int(text)
+                value = int(text) if not exact[k] else int(values[k])
             except ValueError:
                 raise SourceError(f"{p}, line {data[k]}: the {COLUMNS[column]} field {text!r} is beyond 2^53, "
                                   "where only digits say it exactly; write it as a whole number") from None
