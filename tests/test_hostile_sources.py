@@ -395,3 +395,21 @@ def test_a_mutated_czi_claiming_a_million_planes_is_refused(tmp_path):
     path.write_bytes(bytes(buf))
     with pytest.raises(SourceError, match=r"flip.czi: .*claims 8,589,942,784 bytes and holds 16,384"):
         open_source(path)
+
+
+def test_an_hdf5_deflate_bomb_is_refused_not_inflated(tmp_path):
+    """A BigDataViewer chunk of 16 KiB (Fiji-sized, once left to HDF5's own filter, which inflates
+    as far as the stream goes: 1 GiB here) stored as a 1 MB deflate stream of 1 GiB."""
+    _bdv_h5(tmp_path / "bomb.h5", GOOD)
+    with h5py.File(tmp_path / "bomb.h5", "a") as f:
+        del f["t00000/s00/0/cells"]
+        cells = f.create_dataset("t00000/s00/0/cells", shape=(8, 32, 32), dtype=np.int16, chunks=(8, 32, 32),
+                                 compression="gzip")
+        gz = _gzip_bomb(GIB)  # the same deflate data, in HDF5's zlib framing
+        adler = 1
+        for _ in range(GIB // 2**20):
+            adler = zlib.adler32(bytes(2**20), adler)
+        cells.id.write_direct_chunk((0, 0, 0), b"\x78\xda" + gz[10:-8] + adler.to_bytes(4, "big"))
+    reader = open_source(tmp_path / "bomb.h5")
+    with pytest.raises(SourceError, match=r"bomb.h5: the chunk at voxel \(0, 0, 0\)"):
+        reader.read(0, 0, 0, (slice(0, 2), slice(0, 2), slice(0, 2)))
