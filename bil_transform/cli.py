@@ -27,6 +27,7 @@ from .export import run as run_export
 from .logs import ACCESS, FORMATS, AccessLogger
 from .pages import DEFAULT_VIEWER
 from .readers import SELECTIONS, SourceError, open_source, selection_of
+from .readers.bounds import Limits, configure
 from .workers import Workers
 
 UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "m": 1e6, "mb": 1e6, "mib": 2**20,
@@ -92,6 +93,9 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
                         "high-latency storage)")
     p.add_argument("--max-region", type=parse_size, default=2**30, metavar="SIZE",
                    help="largest box /ds/ID/region returns (default 1GiB); larger ones answer 413")
+    p.add_argument("--max-voxels", type=_positive, default=Limits.voxels, metavar="N",
+                   help="largest source served, in voxels of level 0 (t x c x z x y x x; default 2^46, 140 TB of "
+                        "uint16); a source claiming more is unavailable")
     p.add_argument("--tokens", metavar="TOKENS.toml",
                    help="tokens that open embargoed datasets (kept apart from the catalog, which may be public)")
     p.add_argument("--public-url", metavar="URL",
@@ -253,6 +257,7 @@ def serve(specs: list[DatasetSpec], args: argparse.Namespace, tokens: Tokens, so
     from .server import create_app
 
     share = args.processes
+    configure(Limits(voxels=args.max_voxels))
     disk = DiskTier(args.disk_cache, args.disk_cache_size) if args.disk_cache else None
     cache = Cache(args.cache_size // share, disk)
     workers = Workers(args.workers or max(1, (os.cpu_count() or 1) // share))

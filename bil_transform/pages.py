@@ -25,7 +25,8 @@ SUFFIXED = ("zarr", "zarr3", "zarr3-sharded")  # zarr views that links also give
 
 def links(ds: Dataset, base: str, viewer: str = DEFAULT_VIEWER, reveal: bool = True,
           skeletons: Sequence[Dataset] = (), labels: Sequence[str] | None = None) -> dict:
-    """Every URL a client may want for this dataset (the `links` of /api/datasets). Without
+    """Every URL a client may want for this dataset (the `links` of /api/datasets); one channel's or
+    time point's view as a template with {c} or {t} to fill in. Without
     `reveal` (an embargoed dataset, no token) the thumbnail and the Neuroglancer state, which
     carry what is computed from the voxels, are left out; the URLs answer 401 until a token comes.
     `skeletons`: the open skeleton sources the image's Neuroglancer state shows with it; `labels`:
@@ -45,11 +46,11 @@ def links(ds: Dataset, base: str, viewer: str = DEFAULT_VIEWER, reveal: bool = T
         out["thumbnail"] = f"{root}/thumbnail.png"
     encodings = precomputed_encodings(snap.pyramid)
     out.update({f"precomputed-{e}": f"{root}/precomputed-{e}" for e in encodings})
-    t, c = snap.pyramid.volume.shape[:2]
+    t, c = snap.pyramid.volume.shape[:2]  # templates, not one URL each: a document stays small however many
     if c > 1:
-        out["precomputed_channels"] = [f"{root}/c/{i}/precomputed" for i in range(c)]
+        out["precomputed_c"] = f"{root}/c/{{c}}/precomputed"
     if t > 1:
-        out["precomputed_timepoints"] = [f"{root}/t/{i}/precomputed" for i in range(t)]
+        out["precomputed_t"] = f"{root}/t/{{t}}/precomputed"
     if skeletons:
         out["skeletons"] = {s.spec.id: f"precomputed://{base}/ds/{s.spec.id}/skeletons" for s in skeletons}
     if reveal:

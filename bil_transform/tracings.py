@@ -31,6 +31,9 @@ from .readers.swc import Tracing, read_swc
 from .writers.skeletons import Measures, Neuron, measure
 
 SUFFIX = ".swc"
+# The largest coordinate, radius or cable length served, in micrometres: skeletons and their segment
+# properties are float32 nanometres (the origin shift may add up to as much again)
+LARGEST_UM = float(np.finfo(np.float32).max) / 1e3 / 4
 PREFIX = "swc-"  # every neuron's identifier starts so, as the archive's own do
 
 
@@ -105,6 +108,20 @@ def place(tracing: Tracing, traced: Traced, spec: DatasetSpec, frame: Frame, ser
     return Neuron(traced.segid, traced.name, traced.file, zyx[:, ::-1], tracing.edges, radius, tracing.types)
 
 
+def _check_finite(tracing: Tracing, neuron: Neuron) -> None:
+    """Refuse a node that, once placed, is no number a skeleton or a JSON listing can carry: the
+    skeletons hold float32 nanometres, and an Infinity in the segment properties is invalid JSON,
+    which fails a viewer's whole segment list. Says the file and the line."""
+    placed = np.column_stack([neuron.vertices, neuron.radius])
+    bad = ~(np.abs(placed) < LARGEST_UM).all(axis=1)  # NaN compares False too
+    if bad.any():
+        k = int(np.argmax(bad))
+        raise SourceError(f"{tracing.path}, line {tracing.lines[k]}: node {tracing.ids[k]} is placed at "
+                          f"{', '.join(f'{v:g}' for v in placed[k, :3])} um (x, y, z) with radius {placed[k, 3]:g}, "
+                          "beyond the float32 nanometres a skeleton holds; its coordinates or the catalog's units are "
+                          "wrong")
+
+
 def swc_files(spec: DatasetSpec) -> list[Path]:
     """The source's SWC files: its one file, the .swc files of its directory, or its glob's matches."""
     path = Path(spec.path)
@@ -176,7 +193,12 @@ def open_tracings(spec: DatasetSpec, frame: Frame, before: Tracings | None = Non
             if failure is not None:
                 raise failure
             tracing = read_swc(path)
-            measures = measure(place(tracing, traced, spec, frame, served=False))
+            placed = place(tracing, traced, spec, frame, served=False)
+            _check_finite(tracing, placed)
+            measures = measure(placed)
+            if not abs(measures.cable_length) < LARGEST_UM:
+                raise SourceError(f"{path}: its cable length, {measures.cable_length:g} um, is beyond the float32 "
+                                  "nanometres a skeleton holds; its coordinates or the catalog's units are wrong")
         except (SourceError, OSError, ValueError) as exc:
             neurons.append(dataclasses.replace(traced, error=str(exc)))
             continue

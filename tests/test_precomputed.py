@@ -190,8 +190,8 @@ def test_links_list_every_view(server):
     assert links["precomputed"] == server.url("/ds/multi/precomputed")
     assert {"precomputed-raw", "precomputed-jpeg", "precomputed-png"} <= set(links)
     assert "precomputed-compressed_segmentation" not in links
-    assert links["precomputed_channels"][2] == server.url("/ds/multi/c/2/precomputed")
-    assert links["precomputed_timepoints"][1] == server.url("/ds/multi/t/1/precomputed")
+    assert links["precomputed_c"].format(c=2) == server.url("/ds/multi/c/2/precomputed")
+    assert links["precomputed_t"].format(t=1) == server.url("/ds/multi/t/1/precomputed")
     assert links["neuroglancer"].startswith("https://") and "precomputed%3A%2F%2F" in links["neuroglancer"]
     for name in ("precomputed", "precomputed-jpeg", "zarr"):
         assert requests.get(links[name] + ("/info" if "precomputed" in name else "/.zattrs")).status_code == 200

@@ -9,6 +9,7 @@ from pathlib import Path
 from ..cache import Section
 from .base import SELECTIONS, Channel, NativeLevel, Reader, Region, SourceError, Volume, selection_of
 from .bdv import BdvReader, is_bdv
+from .bounds import check_volume
 from .czi import CziReader, is_czi
 from .imaris import ImarisReader, is_hdf5
 from .jpeg2000 import JPEG2000_SLICES, is_jpeg2000
@@ -89,7 +90,9 @@ def open_source(path: str | Path, segments: Section | None = None,
                 raise SourceError(f"{p}: {key} = {selection[key]} names a {key} ({part}) of a {source}, and this "
                                   f"is a {name} source; leave {key} out")
             try:
-                return factory(p, segments, **selection)
+                reader = factory(p, segments, **selection)
+                check_volume(reader.volume)
+                return reader
             except SourceError:
                 raise
             except Exception as exc:  # a damaged file trips a parser anywhere: say which file, and how

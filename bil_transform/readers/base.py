@@ -120,11 +120,12 @@ def natural_key(name: str) -> list:
 
 
 def version_token(paths: Sequence[Path | str]) -> str:
-    """A short token that changes when any of the files changes (name, size or mtime)."""
+    """A short token that changes when any of the files changes: name, size, mtime, and the inode
+    and ctime, which a rewrite that keeps size and mtime (`cp -p`, `rsync -a`) cannot set back."""
     h = hashlib.blake2b(digest_size=8)
     for p in paths:
         st = os.stat(p)
-        h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+        h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\0{st.st_ino}\0".encode())
     return h.hexdigest()
 
 

@@ -38,9 +38,10 @@ Decisions where the format leaves room:
 - An XML whose loader is not bdv.hdf5 (bdv.n5, ...) is refused in one sentence naming the loader.
 - An `.h5` with `NAME.xml` beside it that points at it is read with that XML. A bare `.h5`: setups
   from its `sNN` groups, time points from its `tNNNNN` groups, voxel size unknown.
-- Chunks of SMALL_CHUNK bytes or more are read raw and decompressed outside h5py's lock, each once
-  however many served chunks it feeds (as the Imaris reader does); smaller ones, the 16^3 blocks Fiji
-  writes, are left to HDF5 slicing, which costs less per chunk (benchmarks/bdv_readers.py).
+- Chunks whose filters hdf5_chunks decodes are read raw and decompressed outside h5py's lock, into
+  a buffer of the chunk's size, each once however many served chunks it feeds (as the Imaris reader
+  does); only other filters and contiguous data are left to HDF5 slicing. HDF5's own deflate filter
+  inflates a chunk as far as its stream goes: a 1 MB stream stored as a 16 KiB chunk took 1 GiB.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ import hdf5plugin  # noqa: F401 - registers the LZ4 filter (32004), for h5py sli
 import numpy as np
 
 from ..cache import Section, uncached
+from . import bounds
 from .base import (
     Channel,
     NativeLevel,
@@ -71,6 +73,7 @@ from .base import (
     version_token,
     within,
 )
+from .bounds import check_stored
 from .hdf5_chunks import Chunked, chunk_layout, decode_chunk
 from .imaris import HDF5_MAGIC
 
@@ -78,11 +81,11 @@ LOADER = "bdv.hdf5"
 ATTRIBUTE_ORDER = ("channel", "illumination", "angle", "tile")  # how a channel's name is built, first to last
 LEGACY = np.dtype("int16")  # stored for BDV's unsigned 16-bit when `s{NN}` has no dataType
 TOLERANCE = 1e-6  # relative: what counts as zero in a registration's off-diagonal, or as equal
-# Chunks smaller than this are read by HDF5 slicing, decompressed in C under h5py's lock: Fiji's BDV exporter
-# writes blocks of about 4096 voxels (8 KiB of uint16), where one HDF5 call per chunk from Python costs more
-# than decompressing under the lock saves (benchmarks/bdv_readers.py: 16^3 chunks 1.6x faster sliced,
-# 32^3 chunks 1.2-1.4x faster decoded here).
-SMALL_CHUNK = 32 * 1024
+# Chunks smaller than this would be read by HDF5 slicing, decompressed in C under h5py's lock, which
+# benchmarks/bdv_readers.py once found 1.6x faster for Fiji's 16^3 blocks; but HDF5's filters have no
+# output bound (a decompression bomb), and decoding here read 16^3 blocks of a 64 x 256 x 256 level in
+# 62 ms against slicing's 81 ms (one thread): every chunk is decoded here.
+SMALL_CHUNK = 0
 
 
 def _is_spimdata(path: Path) -> bool:
@@ -144,28 +147,35 @@ def _numbers(text: str | None, kind=float) -> list:
     return [kind(v) for v in (text or "").replace(",", " ").split()]
 
 
-def _integer_pattern(text: str) -> list[int]:
-    """spimdata's IntegerPattern: "0-10:2, 15" (ranges with an optional step, commas between)."""
+def _integer_pattern(text: str) -> list[range]:
+    """spimdata's IntegerPattern: "0-10:2, 15" (ranges with an optional step, commas between), as
+    ascending ranges: a pattern of millions of ids costs nothing until they are counted."""
     out = []
     for part in (text or "0").replace(" ", "").split(","):
         m = re.fullmatch(r"(-?\d+)(?:-(-?\d+)(?::(\d+))?)?", part)
         if not m:
             raise ValueError(f"time point pattern {text!r} is not N, N-M or N-M:S")
         first, last, step = int(m.group(1)), int(m.group(2) or m.group(1)), int(m.group(3) or 1)
-        out += list(range(first, last + 1, step) if last >= first else range(first, last - 1, -step))
+        out.append(range(first, last + 1, step) if last >= first else range(first, last - 1, -step)[::-1])
     return out
 
 
-def _timepoints(elem: ET.Element | None) -> list[int]:
+def _size(ids: range) -> int:
+    """How many ids an ascending range holds, however many (len() stops at sys.maxsize)."""
+    return max(0, -(-(ids.stop - ids.start) // ids.step))
+
+
+def _timepoints(elem: ET.Element | None) -> list[range]:
+    """The listed time point ids, as ascending ranges (see BdvReader._held for how many are served)."""
     if elem is None:
         raise ValueError("the XML has no SequenceDescription/Timepoints")
     kind = elem.get("type")
     if kind == "range":
-        return list(range(int(_text(elem, "first")), int(_text(elem, "last")) + 1))
+        return [range(int(_text(elem, "first")), int(_text(elem, "last")) + 1)]
     if kind == "list":
-        return sorted({int(_text(tp, "id")) for tp in elem.findall("Timepoint")})
+        return [range(i, i + 1) for i in sorted({int(_text(tp, "id")) for tp in elem.findall("Timepoint")})]
     if kind == "pattern":
-        return sorted(set(_integer_pattern(_text(elem, "integerpattern", ""))))
+        return _integer_pattern(_text(elem, "integerpattern", ""))
     raise ValueError(f"Timepoints type {kind!r} is not range, list or pattern")
 
 
@@ -178,6 +188,8 @@ def _composed(vreg: ET.Element) -> np.ndarray:
         values = _numbers(_text(vt, "affine"))
         if len(values) != 12:
             raise ValueError(f"an affine of {len(values)} numbers, not 12")
+        if not np.all(np.isfinite(values)):
+            raise ValueError(f"an affine with a number that is not finite ({_text(vt, 'affine')})")
         model = model @ np.vstack([np.reshape(values, (3, 4)), [0, 0, 0, 1]])
     return model
 
@@ -215,7 +227,7 @@ class Description:
     h5: Path
     partitions: list[Path]
     setups: dict[int, Setup]
-    timepoints: list[int]
+    timepoints: list[range]  # ids, as _timepoints gives them
     missing: set[tuple[int, int]] = field(default_factory=set)  # (time point id, setup id)
     names: dict[str, dict[int, str]] = field(default_factory=dict)  # attribute -> id -> name
 
@@ -257,7 +269,8 @@ class BdvReader:
             raise SourceError(f"{self.h5}: not a readable HDF5 file ({exc})") from exc
         with f:
             desc = desc or self._bare(f)
-            self.timepoints, self.missing, self.attribute_names = desc.timepoints, desc.missing, desc.names
+            self.missing, self.attribute_names = desc.missing, desc.names
+            self.timepoints = self._held(f, desc)
             broken = {}  # setup id -> why it cannot be served; the other setups still are
             for s in desc.setups.values():
                 try:
@@ -331,15 +344,17 @@ class BdvReader:
             raise self._fail("the XML lists no ViewSetup", xml)
         try:
             desc.timepoints = timepoints = _timepoints(seq.find("Timepoints"))
+            few = sum(map(_size, timepoints)) <= bounds.LIMITS.timepoints  # a set, unless there are millions
+            listed = {tp for r in timepoints for tp in r} if few else None
             for mv in seq.findall("MissingViews/MissingView"):
                 desc.missing.add((int(mv.get("timepoint")), int(mv.get("setup"))))
             for vreg in root.findall("ViewRegistrations/ViewRegistration"):
                 tp, sid = int(vreg.get("timepoint")), int(vreg.get("setup"))
-                if sid in setups and tp in timepoints:
+                if sid in setups and (tp in listed if listed is not None else any(tp in r for r in timepoints)):
                     setups[sid].registrations[tp] = _composed(vreg)
         except (ValueError, TypeError) as exc:
             raise self._fail(f"unreadable BigDataViewer metadata: {exc}", xml) from exc
-        if not timepoints:
+        if not any(timepoints):
             raise self._fail("the XML lists no time point", xml)
         return desc
 
@@ -353,7 +368,28 @@ class BdvReader:
             raise self._fail("a BigDataViewer .h5 without any tNNNNN time point group", self.h5)
         self.notes.append("no BigDataViewer XML beside it: voxel size unknown; setups sharing one grid are served "
                           "as channels, and tiles or angles cannot be told apart from channels")
-        return Description(self.h5, [], {i: Setup(i) for i in ids}, timepoints)
+        return Description(self.h5, [], {i: Setup(i) for i in ids}, [range(tp, tp + 1) for tp in timepoints])
+
+    def _held(self, f: h5py.File, desc: Description) -> list[int]:
+        """The time point ids served: those listed up to the last one the .h5 holds (a `tNNNNN` group,
+        or a view in MissingViews), so an XML claiming millions of time points beside a file holding
+        one costs nothing; a listed one missing before that fails the chunks that touch it."""
+        held = [int(m.group(1)) for name in f if (m := re.fullmatch(r"t(\d{5,})", name))]
+        last = max([*held, *(tp for tp, _ in desc.missing)], default=None)
+        if last is None:
+            raise self._fail("holds no time point group (t00000, ...) of those its XML lists", self.h5)
+        listed = sum(map(_size, desc.timepoints))
+        kept = [range(r.start, min(r.stop, last + 1), r.step) for r in desc.timepoints]
+        if sum(map(_size, kept)) > bounds.LIMITS.timepoints:
+            raise self._fail(f"lists {sum(map(_size, kept)):,} time points up to {last}, more than the "
+                             f"{bounds.LIMITS.timepoints:,} a source may have", self.xml)
+        timepoints = sorted({tp for r in kept for tp in r})
+        if sum(map(_size, kept)) < listed:
+            self.notes.append(f"the XML lists {listed:,} time points and {self.h5.name} holds none after time point "
+                              f"{last}: {len(timepoints)} served")
+        if not timepoints:
+            raise self._fail(f"holds time points up to {last}, and its XML lists none of them", self.h5)
+        return timepoints
 
     def _levels(self, f: h5py.File, s: Setup) -> None:
         """A setup's levels: factors from `resolutions`, shapes from the first time point's `cells`.
@@ -385,6 +421,7 @@ class BdvReader:
                 raise ValueError(f"{data.name} has {data.ndim} dimensions, not 3 (z, y, x)")
             s.shapes.append(tuple(data.shape))
             if level == 0:
+                check_stored(self.h5, data.name, data.size * data.dtype.itemsize, data.id.get_storage_size())
                 if s.legacy and not _legacy(data.dtype):  # an old writer's other type: served as stored
                     s.dtype = data.dtype.newbyteorder("=")
                 chunks = data.chunks or (tuple(sub[0][::-1]) if sub is not None else data.shape)

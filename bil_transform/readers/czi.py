@@ -67,6 +67,7 @@ from .base import (
     version_token,
     within,
 )
+from .bounds import check_stored
 
 MAGIC = b"ZISRAWFILE".ljust(16, b"\0")
 # pixel type: (numpy type, samples per pixel). libCZI also knows Gray32 (int32), Gray64Float, complex and
@@ -182,6 +183,10 @@ class CziReader:
             window[longest] = -(-window[longest] // 2)
         self._window = tuple(window)
 
+        claimed = math.prod(shapes[0]) * sizes["T"] * sizes["C"] * np.dtype(dtype).itemsize * self.samples
+        covered = sum(s.stored_w * s.stored_h for s in full) * np.dtype(dtype).itemsize * self.samples
+        check_stored(self.path, f"{self._scene_name()}(its subblocks' planes and rectangles)", claimed, covered,
+                     ratio=1024)  # uncompressed sizes: a mosaic or a stopped acquisition covers far more
         voxel, known = self._voxel_size(md, sizes["Z"], notes)
         return Volume(
             format="czi",

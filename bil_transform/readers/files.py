@@ -22,6 +22,7 @@ class SourceFile:
     name: str  # relative to the dataset's root
     size: int
     mtime_ns: int
+    stamp: tuple[int, int] = (0, 0)  # ctime and inode: a rewrite keeping size and mtime (cp -p) changes them
 
 
 def volume_files(volume: Volume) -> list[Path]:
@@ -38,7 +39,7 @@ def source_files(paths: Sequence[str | Path], root: Path) -> list[SourceFile]:
     for p in sorted(Path(p) for p in paths):
         st = p.stat()
         found.append(SourceFile(p, p.relative_to(root).as_posix() if p.is_relative_to(root) else p.name,
-                                st.st_size, st.st_mtime_ns))
+                                st.st_size, st.st_mtime_ns, (st.st_ctime_ns, st.st_ino)))
     return found
 
 
@@ -55,6 +56,6 @@ def checksummer(algorithm: str, cache: Section) -> Callable[[SourceFile], str]:
                     h.update(block)
             return h.hexdigest()
 
-        return cache.get_or_compute((algorithm, os.fspath(f.path), f.size, f.mtime_ns), compute)
+        return cache.get_or_compute((algorithm, os.fspath(f.path), f.size, f.mtime_ns, f.stamp), compute)
 
     return digest

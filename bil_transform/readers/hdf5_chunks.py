@@ -1,6 +1,6 @@
 """HDF5 chunks read raw and decompressed here, outside h5py's global lock (h5py serializes every
 HDF5 call, so decompressing inside it keeps a second worker idle): shared by the Imaris and
-BigDataViewer readers. One HDF5 call a chunk; deflate by libdeflate into a buffer of the known
+BigDataViewer readers. One HDF5 call a chunk; each filter decodes into a buffer of the known
 size (benchmarks/bdv_readers.py: 1.3-4x faster than a chunk lookup, a read and zlib)."""
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def decode_chunk(dsid: h5py.h5d.DatasetID, origin: tuple[int, ...], layout: Chun
         elif pipeline[i] == LZF:
             raw = imagecodecs.lzf_decode(raw, header=False, out=size)
         elif pipeline[i] == LZ4:
-            raw = imagecodecs.lz4h5_decode(raw)
+            raw = imagecodecs.lz4h5_decode(raw, out=size)
         elif pipeline[i] == SHUFFLE:
             raw = np.frombuffer(raw, np.uint8).reshape(layout.dtype.itemsize, -1).T.tobytes()
         elif pipeline[i] == FLETCHER32:

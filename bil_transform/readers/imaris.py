@@ -31,6 +31,7 @@ from .base import (
     version_token,
     within,
 )
+from .bounds import check_stored
 from .hdf5_chunks import Chunked, chunk_layout, decode_chunk
 
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
@@ -99,6 +100,8 @@ class ImarisReader:
                     if f"{name}/Data" not in f:
                         raise self._fail(f"{name}/Data is missing")
                     group, data = f[name], f[f"{name}/Data"]
+                    if r == 0:
+                        check_stored(self.path, data.name, data.size * data.dtype.itemsize, data.id.get_storage_size())
                     self._layouts[f"{name}/Data"] = chunk_layout(data)
                     try:
                         size = tuple(int(float(text(group.attrs[f"ImageSize{a}"]))) for a in "ZYX")

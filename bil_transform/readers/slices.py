@@ -202,6 +202,11 @@ class SliceStackReader:
         first = self._files[0][0]
         header = self.format.open(first)
         self._slice = s = self.format.info(header)
+        for name, files in layout.channels[1:]:  # a channel of another shape would fail mid-response
+            other = self.format.info(self.format.open(files[0]))
+            if other != s:
+                raise SourceError(f"{path}: channel directories {layout.channels[0][0]} ({s.describe()}) and {name} "
+                                  f"({other.describe()}) differ in slice shape or type; serve each as a dataset")
         n_z = len(self._files[0])
         levels = [NativeLevel((n_z, reduced(s.height, r), reduced(s.width, r)), (1.0, 2.0**r, 2.0**r))
                   for r in range(s.reductions + 1)]

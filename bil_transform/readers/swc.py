@@ -8,8 +8,9 @@ setting to keep them, and brings 41 packages (matplotlib among them) and 3 s of 
 server. Each accepts missing parents or cycles silently. An SWC file is a seven-column numeric
 table: numpy parses it (tabs, several spaces, CRLF, scientific notation), and this module refuses,
 naming the file and the line, what would otherwise be served wrong: a wrong column count, a field
-that is not a number, a fractional id, a repeated id, a missing parent, a cycle, a file without
-nodes. One pass over the text gives the line numbers and collects the comments.
+that is not a number (or not finite), a fractional id, an id beyond int64 (ids are kept exactly,
+not as float64, which collapses those beyond 2^53), a repeated id, a missing parent, a cycle, a
+file without nodes. One pass over the text gives the line numbers and collects the comments.
 """
 
 from __future__ import annotations
@@ -101,11 +102,30 @@ def read_swc(path: str | Path) -> Tracing:
                               f"got {rows[k].split()[column]!r}")
         return values
 
-    ids = numbers(0, True).astype(np.int64)
-    types = numbers(1, True).astype(np.int32)
+    def integers(column: int, bits: int) -> np.ndarray:
+        """A whole-number column exactly: float64 holds every integer below 2^53; a larger one is
+        read again from its text, so two ids never collapse into one, and refused beyond `bits`."""
+        values = numbers(column, True)
+        exact = np.abs(values) < 2.0**53
+        out = np.where(exact, values, 0).astype(np.int64)
+        for k in np.flatnonzero(~exact | (values < -(2.0 ** (bits - 1))) | (values >= 2.0 ** (bits - 1))):
+            text = rows[k].split()[column]
+            try:
+                value = int(text) if not exact[k] else int(values[k])
+            except ValueError:
+                raise SourceError(f"{p}, line {data[k]}: the {COLUMNS[column]} field {text!r} is beyond 2^53, "
+                                  "where only digits say it exactly; write it as a whole number") from None
+            if not -(2 ** (bits - 1)) <= value < 2 ** (bits - 1):
+                raise SourceError(f"{p}, line {data[k]}: the {COLUMNS[column]} field {text!r} is beyond the "
+                                  f"{bits}-bit integers an SWC reader keeps")
+            out[k] = value
+        return out
+
+    ids = integers(0, 64)
+    types = integers(1, 32).astype(np.int32)
     xyz = np.stack([numbers(c, False) for c in (2, 3, 4)], axis=1)
     radii = numbers(5, False)
-    parent_ids = numbers(6, True).astype(np.int64)
+    parent_ids = integers(6, 64)
     parents = _parent_indices(p, ids, parent_ids, line_of)
     header: dict[str, str] = {}
     for c in comments:
