@@ -175,7 +175,7 @@ def open_tracings(spec: DatasetSpec, frame: Frame, before: Tracings | None = Non
         try:
             if failure is not None:
                 raise failure
-            tracing = read_swc(path)
+            tracing = read_swc(path, spec.confinement)
             measures = measure(place(tracing, traced, spec, frame, served=False))
         except (SourceError, OSError, ValueError) as exc:
             neurons.append(dataclasses.replace(traced, error=str(exc)))

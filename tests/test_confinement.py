@@ -164,7 +164,13 @@ def hostile(tmp_path_factory):
         f.create_dataset("t00000/s00/0/cells", data=up, chunks=(4, 16, 16))
     _bdv_xml(archive / "lab" / "xml" / "dataset.xml", "../raw/data.h5")
     entries["up_default"] = archive / "lab" / "xml" / "dataset.xml"
+    # SWC tracings on the fine image, one of them a symlink to a tokens file (its parse error would quote it)
+    (outside / "tokens.swc").write_bytes(SECRET + b" lab1 read write 2026 12 07\n")
+    (archive / "swc").mkdir()
+    (archive / "swc" / "ok.swc").write_text("1 1 1.0 2.0 3.0 1.0 -1\n2 3 2.0 2.0 3.0 1.0 1\n")
+    (archive / "swc" / "leak.swc").symlink_to(outside / "tokens.swc")
     lines = [f'[[datasets]]\nid = "{name}"\npath = "{path}"\n' for name, path in entries.items()]
+    lines.append(f'[[datasets]]\nid = "swc"\npath = "{archive / "swc"}"\nkind = "skeletons"\nspace = "fine"\n')
     lines.append(f'[[datasets]]\nid = "up_wide"\npath = "{entries["up_default"]}"\nroot = "{archive / "lab"}"\n')
     lines = [line + ('root = "/"\n' if 'id = "zero_wide"' in line else "") for line in lines]
     catalog = base / "catalog.toml"
@@ -285,6 +291,18 @@ def test_a_widened_root_serves_an_xml_beside_its_raw_tree(hostile):
     assert r.status_code == 200, r.text
     served = np.load(io.BytesIO(r.content))
     np.testing.assert_array_equal(served.reshape(SHAPE), up)
+
+
+def test_a_tracing_linked_outside_is_refused_without_quoting_it(hostile):
+    srv, base, _ = hostile
+    r = requests.get(srv.url("/api/datasets/swc"), timeout=TIMEOUT)
+    assert r.ok and SECRET not in r.content, r.text
+    neurons = {n["file"]: n for n in r.json()["neurons"]}
+    assert neurons["ok.swc"]["status"] == "ok"
+    assert neurons["leak.swc"]["status"] == "error"
+    assert "outside the dataset's root" in neurons["leak.swc"]["error"], neurons["leak.swc"]
+    r = requests.get(srv.url(f"/ds/swc/skeletons/{neurons['leak.swc']['segid']}"), timeout=TIMEOUT)
+    assert r.status_code == 503 and SECRET not in r.content
 
 
 def test_the_catalog_refuses_a_root_that_does_not_hold_the_path(tmp_path):

@@ -113,7 +113,10 @@ def is_bdv(path: Path) -> bool:
     if head.startswith(HDF5_MAGIC):
         try:
             with h5py.File(path, "r") as f:
+                confine.check_hdf5_links(f)  # before any link is followed; BdvReader says why it is refused
                 return bool(_bdv_groups(f))
+        except SourceError:
+            return True
         except Exception:
             return False
     return head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"<") and b"<SpimData" in head and _is_spimdata(path)

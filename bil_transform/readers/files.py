@@ -27,8 +27,10 @@ class SourceFile:
 def volume_files(volume: Volume) -> list[Path]:
     """Every file a volume is read from: a Zarr store's every file (its version covers only the
     metadata), else the files the reader lists."""
-    if volume.format.startswith("zarr"):
-        return sorted(p for p in Path(volume.path).rglob("*") if p.is_file())
+    if volume.format.startswith("zarr"):  # only what resolves inside the store: a symlink out is no part of it
+        store = Path(os.path.realpath(volume.path))
+        return sorted(p for p in Path(volume.path).rglob("*")
+                      if p.is_file() and Path(os.path.realpath(p)).is_relative_to(store))
     return [Path(f) for f in volume.files]
 
 
