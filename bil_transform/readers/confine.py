@@ -64,10 +64,9 @@ def _outside(path: Path, real: Path, root: Path, named_by: str | Path | None) ->
 def inside(path: str | Path, named_by: str | Path | None = None, root: Path | None = None) -> Path:
     """`path` resolved (symlinks followed, `..` removed); SourceError if that leaves the root.
     `named_by`: the file that named the path, for the message."""
-    root = root if root is not None else _ROOT.get()
+    root = Path(os.path.realpath(root)) if root is not None else _ROOT.get()  # the context's is resolved
     real = Path(os.path.realpath(path))
     if root is not None:
-        root = Path(os.path.realpath(root))
         if real != root and not real.is_relative_to(root):
             raise _outside(Path(path), real, root, named_by)
     return real
@@ -106,8 +105,8 @@ def read_bytes(path: str | Path, limit: int, what: str = "", root: Path | None =
         if size > limit:
             raise SourceError(f"{path}: {size} bytes, more than the {limit} {what or 'this file can hold'}, "
                               "so it is not read")
-        data = f.read(limit + 1)
-    if len(data) > limit:  # grew while read
+        data = f.read(size + 1)  # one byte more than fstat said: a file growing past the limit is refused
+    if len(data) > limit:
         raise SourceError(f"{path}: more than the {limit} bytes {what or 'this file can hold'}, so it is not read")
     return data
 
