@@ -6,6 +6,7 @@ tifffile; a canary (a fake tokens file) sits outside every dataset's root."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -291,6 +292,8 @@ def test_a_widened_root_serves_an_xml_beside_its_raw_tree(hostile):
     assert r.status_code == 200, r.text
     served = np.load(io.BytesIO(r.content))
     np.testing.assert_array_equal(served.reshape(SHAPE), up)
+    files = requests.get(srv.url("/ds/up_wide/manifest.json"), timeout=TIMEOUT).json()["files"]
+    assert [f["name"] for f in files] == ["raw/data.h5", "xml/dataset.xml"]  # named within the widened root
 
 
 def test_a_tracing_linked_outside_is_refused_without_quoting_it(hostile):
@@ -303,6 +306,9 @@ def test_a_tracing_linked_outside_is_refused_without_quoting_it(hostile):
     assert "outside the dataset's root" in neurons["leak.swc"]["error"], neurons["leak.swc"]
     r = requests.get(srv.url(f"/ds/swc/skeletons/{neurons['leak.swc']['segid']}"), timeout=TIMEOUT)
     assert r.status_code == 503 and SECRET not in r.content
+    r = requests.get(srv.url("/ds/swc/manifest.json?checksums=sha256"), timeout=TIMEOUT)
+    digest = hashlib.sha256((base / "outside" / "tokens.swc").read_bytes()).hexdigest()
+    assert r.ok and "ok.swc" in r.text and "leak.swc" not in r.text and digest not in r.text, r.text
 
 
 def test_the_catalog_refuses_a_root_that_does_not_hold_the_path(tmp_path):
