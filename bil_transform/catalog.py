@@ -18,6 +18,7 @@ from pathlib import Path
 from .pyramid import DEFAULT_CHUNK
 from .pyramid.downsample import METHODS
 from .readers.base import SELECTIONS, natural_key, selection_of
+from .readers.confine import default_root
 from .writers.codecs import COMPRESSORS
 from .writers.precomputed import ENCODINGS
 
@@ -80,7 +81,7 @@ class DatasetSpec:
     @property
     def confinement(self) -> Path:
         """The directory every file the source reads must resolve inside (readers/confine.py)."""
-        return Path(self.widened_root) if self.widened_root else self.root
+        return Path(self.widened_root) if self.widened_root else default_root(self.path)
 
 
 def holding(path: str | Path, specs: Iterable[DatasetSpec]) -> DatasetSpec | None:

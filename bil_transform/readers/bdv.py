@@ -89,10 +89,10 @@ SMALL_CHUNK = 32 * 1024
 def _is_spimdata(path: Path) -> bool:
     """Whether an XML file's root element is <SpimData>; parses up to that element only."""
     try:
-        with open(path, "rb") as f:
+        with confine.open_file(path) as f:
             for _, elem in ET.iterparse(f, events=("start",)):
                 return elem.tag == "SpimData"
-    except (ET.ParseError, OSError, UnicodeDecodeError):
+    except (ET.ParseError, OSError, UnicodeDecodeError, SourceError):
         return False
     return False
 

@@ -17,6 +17,7 @@ root they keep for the reads of their worker threads.
 from __future__ import annotations
 
 import contextvars
+import glob
 import os
 import stat
 from collections.abc import Iterable, Iterator
@@ -35,9 +36,14 @@ HDF5_DEPTH = 8  # files reached through files reached through ... (external link
 
 def default_root(path: str | Path) -> Path:
     """A source's root when the catalog does not widen it: the path if a directory, else the directory
-    holding the file (or matched by the glob)."""
+    holding the file (or, for a glob, the deepest directory above its first wildcard)."""
     p = Path(path).expanduser()
-    return p if p.is_dir() else p.parent
+    if p.is_dir():
+        return p
+    p = p.parent
+    while glob.has_magic(str(p)) and p != p.parent:
+        p = p.parent
+    return p
 
 
 @contextmanager
