@@ -322,3 +322,26 @@ def test_the_catalog_refuses_a_root_that_does_not_hold_the_path(tmp_path):
         load_catalog(catalog)
     catalog.write_text('[[datasets]]\nid = "x"\npath = "a/x.tif"\nroot = "."\n')
     assert load_catalog(catalog)[0].confinement == tmp_path
+
+
+def test_hdf5_links_and_virtual_sources_inside_the_root_are_still_read(tmp_path, monkeypatch):
+    from bil_transform.readers import open_source
+
+    monkeypatch.chdir(tmp_path)  # HDF5 also looks for a relative name here: nothing of that name in it
+    (tmp_path / "ds").mkdir()
+    values = np.random.default_rng(0).integers(0, 255, SHAPE, dtype=np.uint8)
+    with h5py.File(tmp_path / "ds" / "part.h5", "w") as f:
+        f["data"] = values
+    whole = (slice(0, SHAPE[0]), slice(0, SHAPE[1]), slice(0, SHAPE[2]))
+    for name in ("elink", "virtual"):
+        ims = tmp_path / "ds" / f"{name}.ims"
+        data = _ims(ims, np.zeros(SHAPE, np.uint8))
+        with h5py.File(ims, "a") as f:
+            del f[data]
+            if name == "elink":
+                f[data] = h5py.ExternalLink("part.h5", "/data")
+            else:
+                layout = h5py.VirtualLayout(shape=SHAPE, dtype="u1")
+                layout[:] = h5py.VirtualSource("part.h5", "data", shape=SHAPE)
+                f.create_virtual_dataset(data, layout)
+        np.testing.assert_array_equal(open_source(ims).read(0, 0, 0, whole), values)
