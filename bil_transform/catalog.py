@@ -18,6 +18,7 @@ from pathlib import Path
 from .pyramid import DEFAULT_CHUNK
 from .pyramid.downsample import METHODS
 from .readers.base import SELECTIONS, natural_key, selection_of
+from .readers.confine import default_root
 from .writers.codecs import COMPRESSORS
 from .writers.precomputed import ENCODINGS
 
@@ -28,7 +29,7 @@ METADATA = "metadata"  # [datasets.metadata]: free metadata under any name
 # The fields of a [[datasets]] table (DatasetSpec's, checked in _fields); any other key is free metadata,
 # unless it is close to one of these (a misspelling, refused with "did you mean").
 KNOWN_KEYS = ("id", "path", "voxel_size", "kind", "embargo", "downsample", "compression", "encoding", "chunk", "origin",
-              "labels", "space", "units", "offset", "setup", "scene", METADATA)
+              "labels", "space", "units", "offset", "setup", "scene", "root", METADATA)
 # The fields only a skeleton source has, and those it has not (they describe voxels)
 SKELETON_KEYS = ("space", "units", "offset")
 VOXEL_KEYS = ("voxel_size", "downsample", "compression", "encoding", "chunk", "origin", "labels", "setup", "scene")
@@ -62,6 +63,9 @@ class DatasetSpec:
     # channels), a CZI scene; None: the first
     setup: int | None = None
     scene: int | None = None
+    # the catalog's `root`: a directory holding the path that its source's files may be read from (an XML
+    # beside a raw/ tree one level up); None: `root` below. Only the operator widens it, never a file.
+    widened_root: str | None = None
 
     @property
     def selection(self) -> dict[str, int]:
@@ -73,6 +77,11 @@ class DatasetSpec:
         """The dataset's own root: its directory, or the one holding its file (or glob)."""
         path = Path(self.path)
         return path if path.is_dir() else path.parent
+
+    @property
+    def confinement(self) -> Path:
+        """The directory every file the source reads must resolve inside (readers/confine.py)."""
+        return Path(self.widened_root) if self.widened_root else default_root(self.path)
 
 
 def holding(path: str | Path, specs: Iterable[DatasetSpec]) -> DatasetSpec | None:
@@ -248,9 +257,20 @@ def _fields(entry: dict, base: Path, taken: set[str]) -> DatasetSpec:
             raise _Bad(f"{field_name} must be a string, number or boolean; got {_show(value)}")
         metadata[key] = _metadata_text(value)
     full = Path(path).expanduser()
+    full = full if full.is_absolute() else base / full
+    widened = entry.get("root")
+    if "root" in entry:
+        if not isinstance(widened, str) or not widened:
+            raise _Bad(f"root must be a directory holding the path, as a string; got {_show(widened)}")
+        widened = Path(widened).expanduser()
+        widened = widened if widened.is_absolute() else base / widened
+        own = full if full.is_dir() else full.parent
+        if not Path(os.path.realpath(own)).is_relative_to(os.path.realpath(widened)):
+            raise _Bad(f"root {str(widened)!r} does not hold the path {str(full)!r}; root widens the directory a "
+                       "dataset's files may be read from, so it must be the path's directory or one above it")
     return DatasetSpec(
         id=ident,
-        path=str(full if full.is_absolute() else base / full),
+        path=str(full),
         voxel_size=tuple(float(v) for v in voxel) if voxel else None,
         kind=kind,
         embargo=embargo,
@@ -266,6 +286,7 @@ def _fields(entry: dict, base: Path, taken: set[str]) -> DatasetSpec:
         offset=offset,
         setup=entry.get("setup"),
         scene=entry.get("scene"),
+        widened_root=str(widened) if widened else None,
     )
 
 

@@ -343,7 +343,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     if Path(args.path).suffix.lower() == ".swc" and Path(args.path).is_file():
         return _swc_info(args.path)
     try:
-        reader = open_source(args.path, selection=selection_of(args))
+        reader = open_source(args.path, selection=selection_of(args), root=args.root)
     except SourceError as exc:
         print(f"bil-transform info: {exc}", file=sys.stderr)
         return 1
@@ -412,6 +412,8 @@ def main(argv: list[str] | None = None) -> int:
     info.add_argument("path", metavar="PATH")
     for name, source, _ in SELECTIONS:
         info.add_argument(f"--{name}", type=int, metavar="N", help=f"the {name} of a {source} to describe")
+    info.add_argument("--root", metavar="DIR", help="the directory its files may be read from, as a catalog's root "
+                      "(default: PATH if a directory, else its directory)")
     export = sub.add_parser("export", help="write a dataset's pyramid as files, computed on dask.distributed")
     add_export_arguments(export)
     args = parser.parse_args(argv)

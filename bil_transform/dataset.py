@@ -108,7 +108,7 @@ class Dataset:
         if spec.kind == "skeletons":
             return self._open_tracings(directories, listing, before.tracings if before is not None else None)
         try:
-            reader = open_source(spec.path, self.cache.section("segments"), spec.selection)
+            reader = open_source(spec.path, self.cache.section("segments"), spec.selection, root=spec.confinement)
             overrides = {"kind": spec.kind}
             if spec.voxel_size:
                 overrides.update(voxel_size=spec.voxel_size, voxel_size_known=True)

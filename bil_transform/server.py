@@ -503,7 +503,7 @@ async def dataset_manifest(request: web.Request) -> web.StreamResponse:
         digest = checksummer(checksum, request.app[CHUNKS]) if checksum is not None else None
     except ValueError as exc:
         raise web.HTTPBadRequest(text=str(exc)) from None
-    files = await _in_pool(request, lambda: source_files(paths, ds.root))
+    files = await _in_pool(request, lambda: source_files(paths, ds.spec.confinement))
     return await _serve(request, Manifest(ds.spec.id, files, checksum, digest))
 
 

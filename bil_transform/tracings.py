@@ -27,6 +27,7 @@ import numpy as np
 from .catalog import CONSONANTS, VOWELS, DatasetSpec, pronounceable_id
 from .readers import SourceError
 from .readers.base import natural_key, version_token
+from .readers.confine import confined
 from .readers.swc import Tracing, read_swc
 from .writers.skeletons import Measures, Neuron, measure
 
@@ -192,7 +193,8 @@ def open_tracings(spec: DatasetSpec, frame: Frame, before: Tracings | None = Non
         try:
             if failure is not None:
                 raise failure
-            tracing = read_swc(path)
+            with confined(spec.confinement):  # a file linked out of the root is refused, never parsed
+                tracing = read_swc(path)
             placed = place(tracing, traced, spec, frame, served=False)
             _check_finite(tracing, placed)
             measures = measure(placed)

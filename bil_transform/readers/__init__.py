@@ -10,6 +10,7 @@ from ..cache import Section
 from .base import SELECTIONS, Channel, NativeLevel, Reader, Region, SourceError, Volume, selection_of
 from .bdv import BdvReader, is_bdv
 from .bounds import check_volume
+from .confine import confined, default_root, inside
 from .czi import CziReader, is_czi
 from .imaris import ImarisReader, is_hdf5
 from .jpeg2000 import JPEG2000_SLICES, is_jpeg2000
@@ -29,12 +30,12 @@ def _is_tiff_file(path: Path) -> bool:
         return f.read(4) in TIFF_MAGIC
 
 
-def _one_jpeg2000(path: Path, segments: Section | None = None) -> Reader:
-    return SliceStackReader(path, StackLayout(JPEG2000_SLICES, [(path.stem, [path])]), segments)
+def _one_jpeg2000(path: Path, segments: Section | None = None, root: Path | None = None) -> Reader:
+    return SliceStackReader(path, StackLayout(JPEG2000_SLICES, [(path.stem, [path])]), segments, root=root)
 
 
-def _stack(path: Path, segments: Section | None = None) -> Reader:
-    return SliceStackReader(path, segments=segments)
+def _stack(path: Path, segments: Section | None = None, root: Path | None = None) -> Reader:
+    return SliceStackReader(path, segments=segments, root=root)
 
 
 # (format name, does this path look like it, how to open it with a segments cache and the parts the
@@ -73,15 +74,22 @@ def _contents(p: Path) -> str:
 
 
 def open_source(path: str | Path, segments: Section | None = None,
-                selection: Mapping[str, int] | None = None) -> Reader:
+                selection: Mapping[str, int] | None = None, root: str | Path | None = None) -> Reader:
     """Open any supported source, or raise SourceError saying why the path is not one.
     `segments` keeps decoded source segments that serve several requests (strips, tiles,
     JPEG2000 windows, HDF5 chunks); without it each is decoded whenever it is needed.
-    `selection` picks a part of a source holding several (base.SELECTIONS: setup, scene)."""
+    `selection` picks a part of a source holding several (base.SELECTIONS: setup, scene). Every file
+    it reads resolves inside `root` (confine.py; default: the path if a directory, else its directory)."""
     p = Path(path).expanduser()
-    selection = dict(selection or {})
+    with confined(root if root is not None else default_root(p)) as inner:
+        return _open(p, segments, dict(selection or {}), inner)
+
+
+def _open(p: Path, segments: Section | None, selection: dict[str, int], root: Path) -> Reader:
     if not p.exists() and not (is_glob(p) and glob.glob(str(p))):
         raise SourceError(f"{p}: no such file or directory")
+    if not is_glob(p):
+        inside(p)
     for name, detect, factory, takes in REGISTRY:
         if detect(p):
             if wrong := [k for k in selection if k not in takes]:
@@ -90,7 +98,7 @@ def open_source(path: str | Path, segments: Section | None = None,
                 raise SourceError(f"{p}: {key} = {selection[key]} names a {key} ({part}) of a {source}, and this "
                                   f"is a {name} source; leave {key} out")
             try:
-                reader = factory(p, segments, **selection)
+                reader = factory(p, segments, root=root, **selection)
                 check_volume(reader.volume)
                 return reader
             except SourceError:

@@ -58,7 +58,7 @@ import hdf5plugin  # noqa: F401 - registers the LZ4 filter (32004), for h5py sli
 import numpy as np
 
 from ..cache import Section, uncached
-from . import bounds
+from . import bounds, confine
 from .base import (
     Channel,
     NativeLevel,
@@ -91,10 +91,10 @@ SMALL_CHUNK = 0
 def _is_spimdata(path: Path) -> bool:
     """Whether an XML file's root element is <SpimData>; parses up to that element only."""
     try:
-        with open(path, "rb") as f:
+        with confine.open_file(path) as f:
             for _, elem in ET.iterparse(f, events=("start",)):
                 return elem.tag == "SpimData"
-    except (ET.ParseError, OSError, UnicodeDecodeError):
+    except (ET.ParseError, OSError, UnicodeDecodeError, SourceError):
         return False
     return False
 
@@ -115,7 +115,10 @@ def is_bdv(path: Path) -> bool:
     if head.startswith(HDF5_MAGIC):
         try:
             with h5py.File(path, "r") as f:
+                confine.check_hdf5_links(f)  # before any link is followed; BdvReader says why it is refused
                 return bool(_bdv_groups(f))
+        except SourceError:
+            return True
         except Exception:
             return False
     return head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"<") and b"<SpimData" in head and _is_spimdata(path)
@@ -242,8 +245,10 @@ def _head(path: Path) -> bytes:
 
 
 class BdvReader:
-    def __init__(self, path: Path, segments: Section | None = None, setup: int | None = None):
+    def __init__(self, path: Path, segments: Section | None = None, setup: int | None = None,
+                 root: Path | None = None):
         self.path = Path(path)
+        self.root = root or confine.current_root() or confine.default_root(self.path)
         self.segments = segments or uncached("segments")
         self._local = threading.local()
         self._layouts: dict[str, Chunked | None] = {}  # per cells path, found at its first read
@@ -263,11 +268,13 @@ class BdvReader:
             else:
                 desc = None
         self.h5 = desc.h5 if desc else self.path
+        confine.check_file(self.h5, self.xml)
         try:
             f = h5py.File(self.h5, "r")
         except Exception as exc:
             raise SourceError(f"{self.h5}: not a readable HDF5 file ({exc})") from exc
         with f:
+            confine.check_hdf5_links(f)
             desc = desc or self._bare(f)
             self.missing, self.attribute_names = desc.missing, desc.names
             self.timepoints = self._held(f, desc)
@@ -295,7 +302,8 @@ class BdvReader:
     def _parse_xml(self, xml: Path) -> Description:
         """What a SpimData XML says, checked to be a bdv.hdf5 dataset whose HDF5 file exists."""
         try:
-            root = ET.parse(xml).getroot()
+            with confine.open_file(xml) as fh:
+                root = ET.parse(fh).getroot()
         except ET.ParseError as exc:
             raise self._fail(f"not a readable XML file ({exc})", xml) from exc
         if root.tag != "SpimData":
@@ -315,6 +323,7 @@ class BdvReader:
             raise self._fail("the bdv.hdf5 ImageLoader names no <hdf5> file", xml)
         h5 = Path(h5) if Path(h5).is_absolute() or loader.find("hdf5").get("type") == "absolute" else base / h5
         partitions = [base / p for part in loader.findall("partition") if (p := _text(part, "path"))]
+        confine.all_inside([h5, *partitions], xml)
         if not h5.is_file():
             raise self._fail(f"the HDF5 file it names, {h5}, does not exist", xml)
         views = seq.find("ViewSetups")
@@ -395,6 +404,9 @@ class BdvReader:
         """A setup's levels: factors from `resolutions`, shapes from the first time point's `cells`.
         Raises ValueError saying why the setup cannot be served."""
         key = f"s{s.id:02d}"
+        for name in (f"{key}/resolutions", f"{key}/subdivisions"):
+            if isinstance(listed := f.get(name), h5py.Dataset):
+                confine.check_hdf5_dataset(listed)
         try:
             res = np.asarray(f[f"{key}/resolutions"], float).reshape(-1, 3)
             sub = np.asarray(f[f"{key}/subdivisions"], int).reshape(-1, 3) if f"{key}/subdivisions" in f else None
@@ -417,6 +429,7 @@ class BdvReader:
                 base = s.size or (s.shapes[0] if s.shapes else (1, 1, 1))
                 s.shapes.append(tuple(max(int(n // f), 1) for n, f in zip(base, s.factors[level])))
                 continue
+            confine.check_hdf5_dataset(data)
             if data.ndim != 3:
                 raise ValueError(f"{data.name} has {data.ndim} dimensions, not 3 (z, y, x)")
             s.shapes.append(tuple(data.shape))
@@ -548,7 +561,8 @@ class BdvReader:
         h5py's lock (hdf5_chunks), each chunk once however many served chunks it feeds."""
         f = getattr(self._local, "file", None)
         if f is None:
-            f = self._local.file = h5py.File(self.h5, "r")
+            with confine.confined(self.root):
+                f = self._local.file = confine.open_hdf5(self.h5, self.xml)
         return f
 
     def read(self, level: int, t: int, c: int, region: Region) -> np.ndarray:
@@ -568,6 +582,8 @@ class BdvReader:
                 raise self._fail(f"{view} is shaped {data.shape}, not {shape} as the other views of this level",
                                  self.h5)
             if name not in self._layouts:
+                with confine.confined(self.root):
+                    confine.check_hdf5_dataset(data)
                 self._layouts[name] = chunk_layout(data, SMALL_CHUNK)
             layout = self._layouts[name]
             if layout is None:  # small chunks, contiguous, or a filter not decoded here: HDF5 reads the region

@@ -54,6 +54,7 @@ import numpy as np
 from pylibCZIrw import czi as pyczi
 
 from ..cache import Section, uncached
+from . import confine
 from .base import (
     Channel,
     NativeLevel,
@@ -109,8 +110,11 @@ class _Subblock:
 
 
 class CziReader:
-    def __init__(self, path: Path, segments: Section | None = None, scene: int | None = None):
+    def __init__(self, path: Path, segments: Section | None = None, scene: int | None = None,
+                 root: Path | None = None):
         self.path = Path(path)
+        self.root = root or confine.current_root() or confine.default_root(self.path)
+        confine.check_file(self.path)
         self.segments = segments or uncached("segments")
         self._local = threading.local()
         try:
@@ -316,6 +320,7 @@ class CziReader:
     def _document(self) -> pyczi.CziReader:
         doc = getattr(self._local, "doc", None)
         if doc is None:
+            confine.check_file(self.path, root=self.root)
             with reading(self.path, "the subblock directory"):
                 doc = self._local.doc = pyczi.CziReader(str(self.path))
         return doc

@@ -28,17 +28,22 @@ class SourceFile:
 def volume_files(volume: Volume) -> list[Path]:
     """Every file a volume is read from: a Zarr store's every file (its version covers only the
     metadata), else the files the reader lists."""
-    if volume.format.startswith("zarr"):
-        return sorted(p for p in Path(volume.path).rglob("*") if p.is_file())
+    if volume.format.startswith("zarr"):  # only what resolves inside the store: a symlink out is no part of it
+        store = Path(os.path.realpath(volume.path))
+        return sorted(p for p in Path(volume.path).rglob("*")
+                      if p.is_file() and Path(os.path.realpath(p)).is_relative_to(store))
     return [Path(f) for f in volume.files]
 
 
 def source_files(paths: Sequence[str | Path], root: Path) -> list[SourceFile]:
-    """The files with their current sizes and times (a stat each: run it on the workers)."""
-    found = []
+    """The files with their current sizes and times (a stat each: run it on the workers); a file linked out
+    of `root` is never read (readers/confine.py), so it is neither listed nor hashed."""
+    found, inside = [], Path(os.path.realpath(root))
     for p in sorted(Path(p) for p in paths):
-        st = p.stat()
-        found.append(SourceFile(p, p.relative_to(root).as_posix() if p.is_relative_to(root) else p.name,
+        if not Path(os.path.realpath(p)).is_relative_to(inside):
+            continue
+        st, named = p.stat(), Path(os.path.normpath(p))  # an XML's ../raw/x.h5 is named raw/x.h5
+        found.append(SourceFile(p, named.relative_to(root).as_posix() if named.is_relative_to(root) else p.name,
                                 st.st_size, st.st_mtime_ns, (st.st_ctime_ns, st.st_ino)))
     return found
 

@@ -17,6 +17,7 @@ import hdf5plugin  # noqa: F401 - registers the LZ4 filter (32004) that Imaris 9
 import numpy as np
 
 from ..cache import Section, uncached
+from . import confine
 from .base import (
     Channel,
     NativeLevel,
@@ -62,16 +63,19 @@ def _numbered(group: h5py.Group, prefix: str) -> list[int]:
 
 
 class ImarisReader:
-    def __init__(self, path: Path, segments: Section | None = None):
+    def __init__(self, path: Path, segments: Section | None = None, root: Path | None = None):
         self.path = Path(path)
+        self.root = root or confine.current_root() or confine.default_root(self.path)
         self.segments = segments or uncached("segments")
         self._local = threading.local()
         self._layouts: dict[str, Chunked | None] = {}  # per Data path, read once at open
+        confine.check_file(self.path)
         try:
             f = h5py.File(self.path, "r")
         except Exception as exc:
             raise SourceError(f"{self.path}: not a readable HDF5 file ({exc})") from exc
         with f:
+            confine.check_hdf5_links(f)
             self.volume = self._describe(f)
 
     def _fail(self, why: str) -> SourceError:
@@ -100,6 +104,7 @@ class ImarisReader:
                     if f"{name}/Data" not in f:
                         raise self._fail(f"{name}/Data is missing")
                     group, data = f[name], f[f"{name}/Data"]
+                    confine.check_hdf5_dataset(data)
                     if r == 0:
                         check_stored(self.path, data.name, data.size * data.dtype.itemsize, data.id.get_storage_size())
                     self._layouts[f"{name}/Data"] = chunk_layout(data)
@@ -179,7 +184,8 @@ class ImarisReader:
         bytes are read through it; chunks are decompressed outside it (hdf5_chunks)."""
         f = getattr(self._local, "file", None)
         if f is None:
-            f = self._local.file = h5py.File(self.path, "r")
+            with confine.confined(self.root):
+                f = self._local.file = confine.open_hdf5(self.path)
         return f
 
     def read(self, level: int, t: int, c: int, region: Region) -> np.ndarray:

@@ -14,6 +14,7 @@ from pathlib import Path
 import glymur
 import numpy as np
 
+from . import confine
 from .base import SourceError, grid_cells, reading, within
 from .slices import SliceFile, SliceInfo, reduced
 
@@ -38,6 +39,7 @@ class Jpeg2000Slices:
     suffixes = SUFFIXES
 
     def open(self, path: Path) -> glymur.Jp2k:
+        confine.check_file(path)
         if not is_jpeg2000(path):
             raise SourceError(f"{path}: not a JPEG2000 file (no JP2 signature or codestream marker)")
         if glymur.version.openjpeg_version_tuple[:2] < OPENJPEG:  # "0.0.0" when glymur found no library

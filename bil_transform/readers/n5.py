@@ -69,6 +69,7 @@ import imagecodecs
 import numpy as np
 
 from ..cache import Section, uncached
+from . import confine
 from .base import (
     Channel,
     NativeLevel,
@@ -94,6 +95,8 @@ LZ4_MAGIC = b"LZ4Block"
 LZ4_HEADER = struct.Struct("<8sBiii")  # magic, token (method | level), compressed, decompressed length, checksum
 LZ4_RAW, LZ4_COMPRESSED = 0x10, 0x20
 SEARCH_DEPTH = 4  # how far below the given directory an image is looked for
+ATTRIBUTES_BYTES = 64 * 2**20  # the largest attributes.json read
+BLOCK_SLACK = 2**16  # what a block file may hold beyond its header and elements (a compressor's worst case)
 
 
 def is_n5(path: Path) -> bool:
@@ -107,7 +110,8 @@ def _attributes(path: Path) -> dict:
     if not file.is_file():
         return {}
     try:
-        attrs = json.loads(file.read_text("utf-8"))
+        attrs = json.loads(confine.read_bytes(file, ATTRIBUTES_BYTES, "bytes an attributes.json is read up to")
+                           .decode("utf-8"))
     except (OSError, ValueError) as exc:
         raise SourceError(f"{file}: not readable JSON ({exc})") from exc
     if not isinstance(attrs, dict):
@@ -239,6 +243,7 @@ def _multiscale_paths(path: Path, attrs: dict) -> list[Path] | None:
     ms = attrs.get("multiscales")
     if isinstance(ms, list) and ms and isinstance(ms[0], dict) and isinstance(ms[0].get("datasets"), list):
         paths = [path / d["path"] for d in ms[0]["datasets"] if isinstance(d, dict) and "path" in d]
+        confine.all_inside(paths, path / ATTRIBUTES)
         if paths:
             return paths
     if not is_array(_attributes(path / "s0")):
@@ -589,8 +594,9 @@ def _decode(array: Array, position: tuple[int, ...]) -> np.ndarray | None:
     """Block `position` (grid indices, N5 order) as a native-endian array in C order (its axes
     reversed: [t][c]z y x), as large as its header says; None where it was never written."""
     file = array.path.joinpath(*map(str, position))
+    limit = 16 + 4 * len(array.dims) + 2 * math.prod(array.block) * array.dtype.itemsize + BLOCK_SLACK
     try:
-        data = file.read_bytes()
+        data = confine.read_bytes(file, limit, "bytes a block of this dataset can hold")
     except FileNotFoundError:
         return None
     ndim = len(array.dims)
@@ -647,8 +653,10 @@ MISSING = np.zeros(0, np.uint8)  # a block never written, as the segments cache 
 class N5Reader:
     """One N5 image (see the module docstring for what a path may be); `setup` picks one BigDataViewer setup."""
 
-    def __init__(self, path: Path, segments: Section | None = None, setup: int | None = None):
+    def __init__(self, path: Path, segments: Section | None = None, setup: int | None = None,
+                 root: Path | None = None):
         self.path = Path(path)
+        self.root = root or confine.current_root() or confine.default_root(self.path)
         self.segments = segments or uncached("segments")
         image, note = find_image(self.path, setup)
         for array in {str(a.path): a for row in image.levels[0] for a, _, _ in row}.values():
@@ -699,7 +707,7 @@ class N5Reader:
             whole = all(p.start == o and p.stop == min(o + b, d)
                         for p, o, b, d in zip(part, lo, array.block, array.dims))
             name = array.path.joinpath(*map(str, position))
-            with reading(name, f"N5 block {list(position)} (its grid position, x first)"):
+            with reading(name, f"N5 block {list(position)} (its grid position, x first)"), confine.confined(self.root):
                 block = _decode(array, position) if whole else self.segments.get_or_compute(
                     (str(name), self.volume.version), functools.partial(_kept, array, position))
             if block is None or block.size == 0:

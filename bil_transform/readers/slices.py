@@ -20,6 +20,7 @@ import numpy as np
 from cachetools import LRUCache
 
 from ..cache import Section, uncached
+from . import confine
 from .base import (
     Channel,
     NativeLevel,
@@ -49,7 +50,7 @@ class OpenFiles:
         with self._lock:
             fh = self._files.get(path)
         if fh is None:
-            fh = open(path, "rb", buffering=0)  # noqa: SIM115 - closed when the LRU and readers drop it
+            fh = confine.open_file(path)  # closed when the LRU and readers drop it
             with self._lock:
                 fh = self._files.setdefault(path, fh)
         return fh
@@ -191,16 +192,20 @@ def stack_layout(path: Path) -> StackLayout | None:
 class SliceStackReader:
     """Channels x z slices; samples of multi-sample slices (RGB) become channels too."""
 
-    def __init__(self, path: Path | str, layout: StackLayout | None = None, segments: Section | None = None):
+    def __init__(self, path: Path | str, layout: StackLayout | None = None, segments: Section | None = None,
+                 root: Path | None = None):
         path = Path(path)
+        self.root = root or confine.current_root() or confine.default_root(path)
         self.segments = segments or uncached("segments")
         layout = layout or stack_layout(path)
         if layout is None:
             raise SourceError(f"{path}: no TIFF or JPEG2000 slices found")
         self.format = layout.format
         self._files = [files for _, files in layout.channels]
+        confine.all_inside([f for files in self._files for f in files], root=self.root)
         first = self._files[0][0]
-        header = self.format.open(first)
+        with confine.confined(self.root):
+            header = self.format.open(first)
         self._slice = s = self.format.info(header)
         for name, files in layout.channels[1:]:  # a channel of another shape would fail mid-response
             other = self.format.info(self.format.open(files[0]))
@@ -251,7 +256,7 @@ class SliceStackReader:
         channel, sample = divmod(c, self._slice.samples)
         out = np.empty([s.stop - s.start for s in region], self.volume.dtype)
         for i, f in enumerate(self._files[channel][zs]):
-            with reading(f, "the slice"):
+            with reading(f, "the slice"), confine.confined(self.root):
                 where = SliceFile(f, self.volume.version, self._open, self.segments)
                 self.format.read(self._header(f), where, level, ys, xs, sample, out[i])
         return out

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import confine
 from .base import SourceError
 
 COLUMNS = ("id", "type", "x", "y", "z", "radius", "parent")
@@ -61,11 +62,13 @@ class Tracing:
 
 
 
-def read_swc(path: str | Path) -> Tracing:
-    """Read one SWC file. Raises SourceError with one sentence naming the file and the line if it is malformed."""
+def read_swc(path: str | Path, root: Path | None = None) -> Tracing:
+    """Read one SWC file. Raises SourceError with one sentence naming the file and the line if it is malformed,
+    or if it is no regular file inside `root` (confine.py: its error would quote another file's lines)."""
     p = Path(path)
     try:
-        raw = p.read_bytes()
+        with confine.open_file(p, root=root) as f:
+            raw = f.read()
     except OSError as exc:
         raise SourceError(f"{p}: cannot be read ({exc.strerror or exc})") from exc
     try:

@@ -19,6 +19,7 @@ import numpy as np
 import tifffile
 
 from ..cache import Section, uncached
+from . import confine
 from .base import (
     Channel,
     NativeLevel,
@@ -200,6 +201,7 @@ def _channels(tf: tifffile.TiffFile, n: int) -> tuple[Channel, ...]:
 
 def _open(path: Path, check: Callable[[tifffile.TiffFile, Path], None]) -> tifffile.TiffFile:
     """The parsed file, which `check` confirms still holds what its directories describe."""
+    confine.check_file(path)
     try:
         tf = tifffile.TiffFile(path)
     except Exception as exc:  # tifffile raises many types for broken files
@@ -266,8 +268,9 @@ def _next_directory(tf: tifffile.TiffFile, offset: int) -> int:
 class TiffFileReader:
     """One multi-page TIFF: pages are z (and t/c where the series says so); OME SubIFD levels are native."""
 
-    def __init__(self, path: Path, segments: Section | None = None):
+    def __init__(self, path: Path, segments: Section | None = None, root: Path | None = None):
         self.path = Path(path)
+        self.root = root or confine.current_root() or confine.default_root(self.path)
         self.segments = segments or uncached("segments")
         self._local = threading.local()
         with _open(self.path, _check_stack) as tf:
@@ -310,7 +313,8 @@ class TiffFileReader:
             # a thread's own handle: the pages were checked at open, and walking every IFD again
             # is needed only if the file has changed since (a cut one must not read as fewer pages)
             unchanged = version_token([self.path]) == self.volume.version
-            tf = self._local.tf = _open(self.path, _already_checked if unchanged else _check_stack)
+            with confine.confined(self.root):
+                tf = self._local.tf = _open(self.path, _already_checked if unchanged else _check_stack)
             tf.pages.cache = True  # parse each page's IFD once per thread, not on every read
         return tf
 

@@ -6,8 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import zarr
+from zarr.storage import LocalStore
 
 from ..cache import Section
+from . import confine
 from .base import (
     Channel,
     NativeLevel,
@@ -23,6 +25,31 @@ from .base import (
 
 DEFAULT_AXES = {2: "yx", 3: "zyx", 4: "czyx", 5: "tczyx"}
 METADATA_FILES = ("zarr.json", ".zarray", ".zattrs", ".zgroup")
+
+
+class ConfinedStore(LocalStore):
+    """A read-only local store whose every key resolves inside the dataset's root to a regular file
+    (confine.py): a chunk that is a symlink out, or a FIFO, is refused instead of read."""
+
+    def __init__(self, path: Path, root: Path):
+        super().__init__(path, read_only=True)
+        self.confined_to = root
+
+    def _check(self, key: str) -> bool:
+        try:
+            with confine.open_file(self.root / key, root=self.confined_to):
+                return True
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            return False
+
+    async def get(self, key: str, prototype=None, byte_range=None):
+        return await super().get(key, prototype, byte_range) if self._check(key) else None
+
+    async def get_partial_values(self, prototype, key_ranges):
+        key_ranges = list(key_ranges)
+        for key, _ in key_ranges:
+            self._check(key)
+        return await super().get_partial_values(prototype, key_ranges)
 
 
 def is_zarr(path: Path) -> bool:
@@ -68,10 +95,14 @@ def _physical(ms: dict, axes: str) -> list[tuple[tuple[float, ...] | None, tuple
 
 
 class ZarrReader:
-    def __init__(self, path: Path, segments: Section | None = None):  # unused: slabs align with its chunks
+    def __init__(self, path: Path, segments: Section | None = None,  # unused: slabs align with its chunks
+                 root: Path | None = None):
         self.path = Path(path)
+        self.root = confine.inside(root or confine.current_root() or confine.default_root(self.path))
         try:
-            node = zarr.open(str(self.path), mode="r")
+            node = zarr.open(ConfinedStore(self.path, self.root), mode="r")
+        except SourceError:
+            raise
         except Exception as exc:
             raise SourceError(f"{self.path}: not a readable Zarr array or group ({exc})") from exc
         channels: tuple[Channel, ...] = ()
@@ -84,6 +115,7 @@ class ZarrReader:
             if ome is None:
                 raise SourceError(f"{self.path}: Zarr group without OME multiscales metadata")
             ms = ome["multiscales"][0]
+            confine.all_inside([self.path / d["path"] for d in ms["datasets"]], self.path)
             axes = "".join(a["name"] if isinstance(a, dict) else a for a in ms.get("axes", [])) or None
             arrays = [node[d["path"]] for d in ms["datasets"]]
             axes = axes or DEFAULT_AXES.get(arrays[0].ndim)
