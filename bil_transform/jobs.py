@@ -174,7 +174,10 @@ class Share:
                 self.busy -= 1
                 return
             loop, future = self._waiting.popleft()  # the thread goes on working for this share
-        loop.call_soon_threadsafe(self._hand, future)
+        try:
+            loop.call_soon_threadsafe(self._hand, future)
+        except RuntimeError:  # the loop is closed: the server has stopped
+            pass
 
     def _hand(self, future: asyncio.Future) -> None:
         if future.cancelled():
