@@ -183,6 +183,13 @@ def test_concurrent_requests_for_one_checksum_hash_the_file_once(hostile):
 
 # In-process: the rules the server's behaviour above rests on.
 
+def _until(condition, deadline: float = 10.0) -> None:
+    end = time.monotonic() + deadline
+    while not condition():
+        assert time.monotonic() < end, "the condition never came true"
+        time.sleep(0.01)
+
+
 def test_a_shared_computation_stops_only_when_its_last_waiter_leaves_and_is_never_cached():
     section = Cache(2**20).section("chunks")
     started, runs = threading.Event(), []
@@ -199,7 +206,8 @@ def test_a_shared_computation_stops_only_when_its_last_waiter_leaves_and_is_neve
         a = pool.submit(jobs.run, first, None, section.get_or_compute, "key", compute)
         assert started.wait(10)
         b = pool.submit(jobs.run, second, None, section.get_or_compute, "key", compute)
-        time.sleep(0.3)  # b has joined a's computation
+        flight = section.cache._inflight[("chunks", "key")][1]
+        _until(lambda: len(flight._waiters) == 2)  # b has joined a's computation
         first.cancel()
         time.sleep(0.3)
         assert not a.done() and not b.done()  # b still waits: the computation goes on
@@ -234,8 +242,7 @@ def test_map_stops_between_items_and_keeps_to_the_share():
         workers.pool.submit(jobs.run, token, share, workers.map, item, range(10_000)).result(30)
     assert 20 <= len(seen) < 40 and most[0] <= 2
     share.give_back()
-    time.sleep(0.2)
-    assert share.busy == 0  # every thread given back
+    _until(lambda: share.busy == 0)  # every thread given back, once the helper has ended its item
     assert workers.map(lambda i: i * 2, range(100)) == [i * 2 for i in range(100)]  # no job: all of it
     workers.shutdown()
 
