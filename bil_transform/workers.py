@@ -117,10 +117,10 @@ class Workers:
         try:
             work()
             for future, share in helpers:
-                if future.cancel():  # never started: its thread of the share was never used
-                    share is not None and share.give_back()
-                else:
+                if not future.cancel():
                     future.result()
+                elif share is not None:  # never started: its thread of the share was never used
+                    share.give_back()
         except BaseException:
             stop.append(True)
             for future, share in helpers:
