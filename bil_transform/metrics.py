@@ -105,6 +105,9 @@ class _Live(Collector):
         yield CounterMetricFamily("bil_transform_source_bytes", "Voxel bytes read from source files (decoded); "
                                   "divide by bil_transform_response_bytes_total for bytes read per byte served",
                                   value=computed["source_bytes"])
+        yield CounterMetricFamily("bil_transform_checksummed_bytes", "Source file bytes hashed for manifest "
+                                  "checksums (each file version once, however many ask)",
+                                  value=computed["hashed_bytes"])
         yield GaugeMetricFamily("bil_transform_queued_jobs", "Jobs waiting for or running on the workers",
                                 value=self.queued())
         datasets = GaugeMetricFamily("bil_transform_datasets", "Datasets by status", labels=["status"])

@@ -10,11 +10,12 @@ import math
 import re
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Any
 
 from aiohttp import web
 
-from . import access, openapi, pages, records, search
+from . import access, jobs, openapi, pages, records, search
 from .access import AccessDenied, Tokens
 from .budget import Busy, InFlight
 from .cache import Cache, Section
@@ -59,6 +60,8 @@ ALIAS = r"{view:[^/]+\.ome\.zarr}"  # ID.ome.zarr, ID.VIEW.ome.zarr: a zarr view
 RANGE = re.compile(r"bytes=(?P<first>\d*)-(?P<last>\d*)")
 HUGE = 10**18  # past the end of every body, every level and every axis
 PROGRESS_EVERY = 10  # seconds between log lines about one long computation
+POLL = 0.25  # seconds between looks at whether a waiting request's client is still there
+METADATA = frozenset({".zattrs", ".zgroup", ".zarray", ".zmetadata", "zarr.json", "info"})  # light work
 MAX_PAGE = 1000  # datasets in one page of /api/datasets
 INDEX_PAGE = 50  # datasets on one page of the HTML index
 CACHE_CONTROL = "public, max-age=3600"  # derived bytes change only with the source, and then so do their ETags
@@ -148,23 +151,96 @@ def _client_left(request: web.Request, exc: BaseException) -> bool:
     return gone
 
 
-async def _in_pool(request: web.Request, fn: Callable[..., Any], *args) -> Any:
-    """Run CPU or I/O work in the worker pool; shed load with 503 when the queue is too deep."""
+async def _in_pool(request: web.Request, fn: Callable[..., Any], *args, light: bool = False) -> Any:
+    """Run CPU or I/O work on the workers; shed load with 503 when the queue is too deep.
+
+    Catalog answers, pages and metadata documents (light) go to a small pool of their own, so
+    that chunk work never delays them. Other work counts against its dataset's share: at most
+    Workers.share threads (half the pool) work for one dataset at once, its jobs and their
+    subtasks together (jobs.Share); a job waits for its turn here, on the loop, holding no thread.
+    A client that leaves cancels its job (jobs.Token): queued, it never runs; running, it stops
+    at its next checkpoint, unless another request waits for the same computation. The request
+    then ends as cancelled (a 499 in /metrics)."""
     state = request.app[STATE]
     if state["queued"] >= state["max_queued"]:
         raise web.HTTPServiceUnavailable(text="The server is busy; retry shortly", headers={"Retry-After": "1"})
+    workers, loop = request.app[WORKERS], asyncio.get_running_loop()
+    light = light or _light(request)
+    share = None if light else _share(request)
+    token = jobs.Token()
     state["queued"] += 1
     try:
-        job = asyncio.get_running_loop().run_in_executor(request.app[WORKERS].pool, fn, *args)
-        waited = 0
-        while not (await asyncio.wait({job}, timeout=PROGRESS_EVERY))[0]:
-            waited += PROGRESS_EVERY  # a long computation (a coarse level of a file with no overviews) shows itself
-            blocks = sum(n for n, _ in request.app[WORKERS].meter.snapshot()["levels"].values())
-            log.info("%s: still computing after %d s (%d blocks computed so far, server-wide; %d jobs queued)",
-                     _shown_path(request), waited, blocks, state["queued"])
-        return job.result()
-    finally:
+        if share is not None:
+            await _attended(request, asyncio.ensure_future(share.take()), token)
+        job = (workers.light if light else workers.pool).submit(jobs.run, token, share, fn, *args)
+    except BaseException:
         state["queued"] -= 1
+        raise
+
+    def ended() -> None:  # the job's thread is free again (or the job never started)
+        state["queued"] -= 1
+        if share is not None:
+            share.give_back()
+
+    def done(_) -> None:
+        try:
+            loop.call_soon_threadsafe(ended)
+        except RuntimeError:  # the loop is closed: the server has stopped
+            pass
+
+    job.add_done_callback(done)
+    try:
+        return await _attended(request, job, token)
+    except BaseException:
+        token.cancel()
+        job.cancel()  # not started yet: it never will be
+        raise
+
+
+async def _attended(request: web.Request, pending: asyncio.Future | Future, token: jobs.Token) -> Any:
+    """The result of `pending`, waited for while the client is there: once it has gone, the
+    token is cancelled and the request ends as cancelled. Long work logs its progress."""
+    waited, last = 0.0, 0.0
+    future = asyncio.wrap_future(pending) if isinstance(pending, Future) else pending
+    try:
+        while not (await asyncio.wait({future}, timeout=POLL))[0]:
+            if _gone(request):
+                raise asyncio.CancelledError()  # nobody to answer: as aiohttp does when it cancels a handler
+            waited += POLL
+            if isinstance(pending, Future) and waited - last >= PROGRESS_EVERY:
+                last = waited  # a long computation (a coarse level of a file with no overviews) shows itself
+                blocks = sum(n for n, _ in request.app[WORKERS].meter.snapshot()["levels"].values())
+                log.info("%s: still computing after %d s (%d blocks computed so far, server-wide; %d jobs queued)",
+                         _shown_path(request), waited, blocks, request.app[STATE]["queued"])
+    except BaseException:
+        token.cancel()
+        if not isinstance(pending, Future):
+            future.cancel()
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())  # its end is nobody's news
+        raise
+    return future.result()
+
+
+def _gone(request: web.Request) -> bool:
+    """Whether the client has closed its connection."""
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+def _light(request: web.Request) -> bool:
+    """Whether a request's work is a metadata document's (zarr metadata, a precomputed info)."""
+    return request.path.rsplit("/", 1)[-1] in METADATA
+
+
+def _share(request: web.Request) -> jobs.Share | None:
+    """The share of the workers of the dataset a request names (None for no dataset)."""
+    ident = request.match_info.get("id")
+    if ident is None:
+        return None
+    shares = request.app[STATE]["shares"]
+    if ident not in shares:
+        shares[ident] = jobs.Share(request.app[WORKERS].share)
+    return shares[ident]
 
 
 def _dataset(request: web.Request) -> Dataset:
@@ -263,8 +339,13 @@ def _base_url(request: web.Request) -> str:
     return f"{scheme}://{host}{prefix}"
 
 
-def _json(doc: Any) -> web.Response:
-    return web.Response(body=json.dumps(doc, indent=1).encode(), content_type="application/json")
+def _dumps(doc: Any) -> bytes:
+    """A JSON answer's bytes: made on the light pool (a large document would hold the loop)."""
+    return json.dumps(doc, indent=1).encode()
+
+
+def _json(body: bytes) -> web.Response:
+    return web.Response(body=body, content_type="application/json")
 
 
 def _range_asked(request: web.Request, tag: str) -> re.Match | None:
@@ -497,13 +578,18 @@ async def dataset_manifest(request: web.Request) -> web.StreamResponse:
     """/ds/{id}/manifest.json[?checksums=sha256]: the source files, streamed file by file."""
     ds = _any_dataset(request)
     snap = await _current(request, ds)
-    paths = snap.tracings.files if snap.tracings is not None else volume_files(snap.pyramid.volume)
     checksum = request.query.get("checksums")
     try:
-        digest = checksummer(checksum, request.app[CHUNKS]) if checksum is not None else None
+        digest = (checksummer(checksum, request.app[CHUNKS], request.app[WORKERS].meter)
+                  if checksum is not None else None)
     except ValueError as exc:
         raise web.HTTPBadRequest(text=str(exc)) from None
-    files = await _in_pool(request, lambda: source_files(paths, ds.spec.confinement))
+
+    def listed() -> list:  # a Zarr store's every file: a walk of its tree, off the loop
+        return source_files(snap.tracings.files if snap.tracings is not None else volume_files(snap.pyramid.volume),
+                            ds.spec.confinement)
+
+    files = await _in_pool(request, listed)
     return await _serve(request, Manifest(ds.spec.id, files, checksum, digest))
 
 
@@ -586,7 +672,7 @@ async def list_datasets(request: web.Request) -> web.Response:
         page = [{**records.summary(ds), "links": _links(request, ds)} for ds in found[offset:offset + limit]]
         return {"total": len(found), "offset": offset, "limit": limit, "datasets": page, "facets": facets}
 
-    return _json(await _in_pool(request, answer))
+    return _json(await _in_pool(request, lambda: _dumps(answer()), light=True))
 
 
 async def get_dataset(request: web.Request) -> web.Response:
@@ -599,8 +685,8 @@ async def get_dataset(request: web.Request) -> web.Response:
     except search.QueryError as exc:
         raise web.HTTPBadRequest(text=str(exc)) from None
     reveal = _may_read(request, ds)
-    return _json(await _in_pool(request, lambda: {
-        **records.describe(ds, reveal, _traced_on(request, ds), terms), "links": _links(request, ds)}))
+    return _json(await _in_pool(request, lambda: _dumps({
+        **records.describe(ds, reveal, _traced_on(request, ds), terms), "links": _links(request, ds)}), light=True))
 
 
 def _html(page: str) -> web.Response:
@@ -618,7 +704,7 @@ async def index(request: web.Request) -> web.Response:
         rows = {ds.spec.id: (_may_read(request, ds), _links(request, ds)) for ds in shown}
         return pages.index_html(shown, len(found), offset, limit, facets, query, base, rows)
 
-    return _html(await _in_pool(request, render))
+    return _html(await _in_pool(request, render, light=True))
 
 
 async def landing(request: web.Request) -> web.Response:
@@ -626,7 +712,7 @@ async def landing(request: web.Request) -> web.Response:
     ds = _any_dataset(request)
     base = _base_url(request)
     return _html(await _in_pool(request, lambda: pages.landing_html(
-        ds, base, _may_read(request, ds), _links(request, ds), _traced_on(request, ds))))
+        ds, base, _may_read(request, ds), _links(request, ds), _traced_on(request, ds)), light=True))
 
 
 def _navigating(request: web.Request) -> bool:
@@ -656,7 +742,7 @@ async def view_root(request: web.Request) -> web.Response:
 
 
 async def openapi_document(request: web.Request) -> web.Response:
-    return _json(openapi.document())
+    return _json(await _in_pool(request, lambda: _dumps(openapi.document()), light=True))
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -742,6 +828,7 @@ def create_app(datasets: dict[str, Dataset], cache: Cache, workers: Workers,
     app[STATE] = {"queued": 0, "max_queued": workers.threads * 256, "viewer": viewer, "max_region": max_region,
                   "public_url": public_url.rstrip("/") if public_url else None, "trust_forwarded": trust_forwarded}
     app[STATE]["in_flight"] = InFlight.for_cache(cache.max_bytes)
+    app[STATE]["shares"] = {}  # dataset id -> its jobs.Share of the workers
     app[METRICS] = Metrics(cache, workers.meter, {**datasets, **app[SKELETONS]}, lambda: app[STATE]["queued"])
     routes = [("/", index), ("/healthz", healthz), ("/metrics", metrics), ("/api/datasets", list_datasets),
               ("/api/openapi.json", openapi_document), ("/readyz", readyz),

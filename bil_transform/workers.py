@@ -4,7 +4,8 @@ Work fans out from inside the pool (a coarse block needs its parent blocks, a co
 needs all its chunks), and a pool thread that waits for its own subtasks could wait forever
 once every thread waits. `map` avoids that: the caller runs every subtask no other thread
 has started yet, and waits only for subtasks already running elsewhere, which never wait
-for it (subtasks are finer blocks of one tree, or leaves).
+for it (subtasks are finer blocks of one tree, or leaves). How many threads one job may spread
+over, and when it stops, is jobs.py's say.
 """
 
 from __future__ import annotations
@@ -15,17 +16,34 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from . import jobs
+
 T = TypeVar("T")
+LIGHT_THREADS = 2
+
+
+def _giving_back(work: Callable[[], None], share: jobs.Share | None) -> Callable[[], None]:
+    """work, then its thread back to the share it was taken from."""
+
+    def helper() -> None:
+        try:
+            work()
+        finally:
+            if share is not None:
+                share.give_back()
+
+    return helper
 
 
 class Meter:
-    """What the workers' computations cost, for /metrics: blocks and seconds per level, and voxel
-    bytes read from the sources."""
+    """What the workers' computations cost, for /metrics: blocks and seconds per level, voxel
+    bytes read from the sources, and source file bytes hashed for manifest checksums."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._levels: dict[int, list] = {}  # level -> [blocks, seconds]
         self._source_bytes = 0
+        self._hashed_bytes = 0
 
     def computed(self, level: int, seconds: float) -> None:
         with self._lock:
@@ -37,9 +55,14 @@ class Meter:
         with self._lock:
             self._source_bytes += nbytes
 
+    def hashed(self, nbytes: int) -> None:
+        with self._lock:
+            self._hashed_bytes += nbytes
+
     def snapshot(self) -> dict:
         with self._lock:
-            return {"levels": {k: tuple(v) for k, v in self._levels.items()}, "source_bytes": self._source_bytes}
+            return {"levels": {k: tuple(v) for k, v in self._levels.items()}, "source_bytes": self._source_bytes,
+                    "hashed_bytes": self._hashed_bytes}
 
 
 class Workers:
@@ -51,24 +74,62 @@ class Workers:
         # Checks of source files (stats, and reopening what changed) get a thread of their own: queued
         # behind cold chunk work they made cache hits wait with them (p95 1.7 s under load, issue 13).
         self.checks = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bil-check")
+        # Catalog answers, pages and metadata documents: a flood of cold chunks never delays them.
+        self.light = ThreadPoolExecutor(max_workers=LIGHT_THREADS, thread_name_prefix="bil-light")
         self.meter = Meter()
 
+    @property
+    def share(self) -> int:
+        """Threads one dataset may hold at once (jobs.Share): half the pool, at least one."""
+        return max(1, self.threads // 2)
+
     def map(self, fn: Callable[[T], Any], items: Iterable[T]) -> list:
-        """[fn(item) for item in items], spread over idle workers; safe to call from a worker."""
+        """[fn(item) for item in items], spread over idle workers; safe to call from a worker.
+
+        The caller and its helpers (at most one per other thread, and only while the job's
+        dataset has threads of its share free: jobs.Share) take items one at a time until none is
+        left; the caller then waits only for helpers already running, and takes back the others.
+        Every item is preceded by a checkpoint: a cancelled job stops between items (jobs.py)."""
         items = list(items)
-        if len(items) < 2 or self.threads < 2:
-            return [fn(item) for item in items]
-        futures = [self.pool.submit(fn, item) for item in items[1:]]
+        results: list = [None] * len(items)
+        taken = iter(range(len(items)))
+        lock, stop = threading.Lock(), []
+
+        def work() -> None:
+            while True:
+                with lock:
+                    i = None if stop else next(taken, None)
+                if i is None:
+                    return
+                try:
+                    jobs.checkpoint()
+                    results[i] = fn(items[i])
+                except BaseException:
+                    stop.append(True)  # the others stop taking items: this map has failed
+                    raise
+
+        helpers = []
+        for _ in range(min(len(items), self.threads) - 1):
+            free, share = jobs.try_take_share()
+            if not free:
+                break
+            helpers.append((self.pool.submit(jobs.carried(_giving_back(work, share))), share))
         try:
-            results = [fn(items[0])]
-            for item, future in zip(items[1:], futures):
-                results.append(fn(item) if future.cancel() else future.result())
+            work()
+            for future, share in helpers:
+                if not future.cancel():
+                    future.result()
+                elif share is not None:  # never started: its thread of the share was never used
+                    share.give_back()
         except BaseException:
-            for future in futures:
-                future.cancel()
+            stop.append(True)
+            for future, share in helpers:
+                if future.cancel() and share is not None:
+                    share.give_back()
             raise
         return results
 
     def shutdown(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
+        self.light.shutdown(wait=False, cancel_futures=True)
         self.checks.shutdown(wait=False, cancel_futures=True)

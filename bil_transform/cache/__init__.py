@@ -12,6 +12,7 @@ Under it may lie a `DiskTier` (disk.py), shared by the server's processes: the s
 
 from __future__ import annotations
 
+import concurrent.futures
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
@@ -20,8 +21,10 @@ from typing import Any
 
 import numpy as np
 
+from .. import jobs
 from .disk import DiskTier, disk_key
 
+WAIT_POLL = 0.1  # seconds between looks at a waiter's token while it waits for another thread's computation
 COUNTERS = ("hits", "misses", "evictions", "bytes", "entries")
 
 
@@ -38,7 +41,7 @@ class Cache:
         self.disk, self.persist = disk, persist
         self._lru: OrderedDict[tuple[str, Hashable], tuple[Any, int]] = OrderedDict()
         self._lock = threading.Lock()
-        self._inflight: dict[tuple[str, Hashable], Future] = {}
+        self._inflight: dict[tuple[str, Hashable], tuple[Future, jobs.Token]] = {}  # future, its flight's token
         self._bytes = 0
         self._sections: dict[str, Section] = {}
 
@@ -102,32 +105,56 @@ class Section:
     def get_or_compute(self, key: Hashable, compute: Callable[[], Any], keep: bool = True) -> Any:
         """The cached value, else compute it once however many threads ask at the same time.
         A failed computation is not cached; every waiter sees its exception. With keep=False
-        the value is shared with concurrent callers only, never stored."""
+        the value is shared with concurrent callers only, never stored.
+
+        The computation runs under a token of its own (jobs.py), waited for by the tokens of
+        everyone asking: it is cancelled (jobs.Cancelled, never cached) only once every one of
+        them is, and a waiter that joins a computation being cancelled computes it anew."""
         cache, full = self.cache, (self.name, key)
-        with cache._lock:
-            entry = cache._lru.get(full)
-            if entry is not None:
-                cache._lru.move_to_end(full)
-                self.counts["hits"] += 1
-                return entry[0]
-            future = cache._inflight.get(full)
-            owner = future is None
-            if owner:
-                self.counts["misses"] += keep  # a value shared only in flight is no cache miss
-                future = cache._inflight[full] = Future()
-        if not owner:
-            return future.result()
-        try:
-            value = self._stored_or_compute(key, compute) if keep else compute()
-        except BaseException as exc:
+        waiter = jobs.current()
+        while True:
             with cache._lock:
-                del cache._inflight[full]
+                entry = cache._lru.get(full)
+                if entry is not None:
+                    cache._lru.move_to_end(full)
+                    self.counts["hits"] += 1
+                    return entry[0]
+                flight = cache._inflight.get(full)
+                owner = flight is None
+                if owner:
+                    self.counts["misses"] += keep  # a value shared only in flight is no cache miss
+                    flight = cache._inflight[full] = (Future(), jobs.Token())
+            future, token = flight
+            if owner:
+                return self._compute(key, full, compute, keep, future, token, waiter)
+            if not token.join(waiter):
+                concurrent.futures.wait([future])  # it ends soon, at its next checkpoint
+                continue
+            try:
+                return _result(future, waiter)
+            except jobs.Cancelled:
+                if waiter is not None and waiter.cancelled:
+                    raise
+                # cancelled as this waiter joined: compute it anew
+            finally:
+                token.leave(waiter)
+
+    def _compute(self, key: Hashable, full: tuple, compute: Callable[[], Any], keep: bool, future: Future,
+                 token: jobs.Token, waiter: jobs.Token | None) -> Any:
+        try:
+            token.join(waiter)
+            value = jobs.under(token, lambda: self._stored_or_compute(key, compute) if keep else compute())
+        except BaseException as exc:
+            with self.cache._lock:
+                del self.cache._inflight[full]
             future.set_exception(exc)
             raise
-        with cache._lock:
+        finally:
+            token.leave(waiter)
+        with self.cache._lock:
             if keep:
-                cache._store(self, key, value)
-            del cache._inflight[full]
+                self.cache._store(self, key, value)
+            del self.cache._inflight[full]
         future.set_result(value)
         return value
 
@@ -154,6 +181,19 @@ class Section:
     def stats(self) -> dict[str, int]:
         with self.cache._lock:
             return {**self.counts, "max_bytes": self.cache.max_bytes}
+
+
+def _result(future: Future, waiter: jobs.Token | None) -> Any:
+    """A flight's result, or Cancelled as soon as the waiter is (it polls: a thread cannot wait
+    for a future and a token at once)."""
+    while True:
+        try:
+            return future.result(timeout=None if waiter is None else WAIT_POLL)
+        except TimeoutError:
+            if future.done():
+                raise  # the computation's own
+            if waiter.cancelled:
+                raise jobs.Cancelled() from None
 
 
 def uncached(name: str) -> Section:

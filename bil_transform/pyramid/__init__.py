@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import dask.array as da
 import numpy as np
 
+from .. import jobs
 from ..cache import Section
 from ..readers import Reader, Region, SourceError
 from ..readers.base import within
@@ -118,6 +119,7 @@ class Pyramid:
         lvl = self.levels[level]
         if not all(0 <= i < g for i, g in zip(index, lvl.grid)):
             raise IndexError(f"block {index} is outside the grid {lvl.grid} of level {level}")
+        jobs.checkpoint()  # between blocks: a coarse block of a huge source fans out over millions
         if lvl.native is None:
             return self.reduced.get_or_compute(("block", *self.key, level, t, c, index),
                                                lambda: self._timed(level, self._reduce, level, t, c, index))

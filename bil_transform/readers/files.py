@@ -5,15 +5,24 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from .. import jobs
 from ..cache import Section
+from ..workers import Meter
 from .base import Volume
+from .confine import open_file
 
 CHECKSUMS = ("sha256",)
 READ_BLOCK = 4 * 2**20
+PARTIAL = 16  # hashings stopped half-way, kept to be resumed
+_partial: OrderedDict[tuple, tuple[Any, int]] = OrderedDict()  # (algorithm, path, size, mtime) -> (hash, bytes done)
+_partial_lock = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -48,19 +57,38 @@ def source_files(paths: Sequence[str | Path], root: Path) -> list[SourceFile]:
     return found
 
 
-def checksummer(algorithm: str, cache: Section) -> Callable[[SourceFile], str]:
-    """A function giving a file's checksum (hex), computed once per file version."""
+def checksummer(algorithm: str, cache: Section, meter: Meter | None = None) -> Callable[[SourceFile], str]:
+    """A function giving a file's checksum (hex), computed once per file version: concurrent
+    requests for one file share one hashing (the cache's single-flight), which reads the file in
+    pieces of READ_BLOCK, no further than the size it was listed with, and stops between pieces
+    once every request waiting for it has left (jobs.Cancelled). A hashing so stopped is kept
+    (up to PARTIAL of them) and resumed where it stopped by the next request for that version."""
     if algorithm not in CHECKSUMS:
         raise ValueError(f"checksums={algorithm!r} is not one of {', '.join(CHECKSUMS)}")
 
     def digest(f: SourceFile) -> str:
+        key = (algorithm, os.fspath(f.path), f.size, f.mtime_ns, f.stamp)
+
         def compute() -> str:
-            h = hashlib.new(algorithm)
-            with open(f.path, "rb") as fh:
-                while block := fh.read(READ_BLOCK):
-                    h.update(block)
+            with _partial_lock:
+                h, done = _partial.pop(key, None) or (hashlib.new(algorithm), 0)
+            try:
+                with open_file(f.path) as fh:  # a regular file, opened without blocking
+                    fh.seek(done)
+                    while done < f.size and (block := fh.read(min(READ_BLOCK, f.size - done))):
+                        h.update(block)
+                        done += len(block)
+                        if meter is not None:
+                            meter.hashed(len(block))
+                        jobs.checkpoint()
+            except jobs.Cancelled:
+                with _partial_lock:
+                    _partial[key] = (h, done)
+                    while len(_partial) > PARTIAL:
+                        _partial.popitem(last=False)
+                raise
             return h.hexdigest()
 
-        return cache.get_or_compute((algorithm, os.fspath(f.path), f.size, f.mtime_ns, f.stamp), compute)
+        return cache.get_or_compute(key, compute)
 
     return digest
