@@ -477,7 +477,10 @@ async def _send(request: web.Request, body: Body, response: web.StreamResponse, 
             if request.transport is not None:
                 request.transport.close()
     finally:
-        pieces.close()
+        try:
+            pieces.close()
+        except ValueError:  # still running on a worker for a client that left: it ends at its next
+            pass            # checkpoint, and is closed when collected
     return response
 
 

@@ -122,9 +122,11 @@ def hostile(tmp_path_factory):
     _n5_dataset(root / "huge.n5", [2**40] * 3, [64, 64, 64])
     # a mutated header: 10^300 voxels along x
     _n5_dataset(root / "e300.n5", [10**300, 64, 64], [64, 64, 64])
-    # a gzip block of 1 MB inflating to 1 GiB, in a dataset of 16 KiB blocks
-    _n5_dataset(root / "bomb.n5", [32, 32, 8], [32, 32, 8], "gzip")
-    _n5_block(root / "bomb.n5", (0, 0, 0), (32, 32, 8), _gzip_bomb(GIB))
+    # in a dataset of 16 KiB blocks: a gzip block of 64 KB inflating to 64 MiB (small enough to be
+    # read: the decoder must stop it), and one of 1 MB inflating to 1 GiB (too large to be a block)
+    for name, inflated in (("bomb", 64 * 2**20), ("bigbomb", GIB)):
+        _n5_dataset(root / f"{name}.n5", [32, 32, 8], [32, 32, 8], "gzip")
+        _n5_block(root / f"{name}.n5", (0, 0, 0), (32, 32, 8), _gzip_bomb(inflated))
     # a BigDataViewer XML claiming 30 million time points beside a .h5 holding one
     (root / "bdv").mkdir()
     _bdv_h5(root / "bdv" / "one.h5", GOOD)
@@ -136,7 +138,7 @@ def hostile(tmp_path_factory):
     (root / "swc").mkdir()
     (root / "swc" / "far.swc").write_text("1 1 10 10 4 1 -1\n2 3 1e308 10 4 1 1\n")
     (root / "swc" / "near.swc").write_text("1 1 10 10 4 1 -1\n2 3 12 10 4 1 1\n")
-    ids = {"good": "good", "huge": "huge.n5", "e300": "e300.n5", "bomb": "bomb.n5", "bdv": "bdv/one.xml",
+    ids = {"good": "good", "huge": "huge.n5", "e300": "e300.n5", "bomb": "bomb.n5", "bigbomb": "bigbomb.n5", "bdv": "bdv/one.xml",
            "mixed": "mixed"}
     text = "".join(f'[[datasets]]\nid = "{i}"\npath = "{root / p}"\nvoxel_size = [1.0, 1.0, 1.0]\n\n'
                    for i, p in ids.items())
@@ -246,11 +248,14 @@ def test_a_gzip_bomb_is_an_error_and_costs_its_block_not_a_gib(hostile):
     watcher = threading.Thread(target=watch)
     watcher.start()
     try:
-        r = requests.get(srv.url("/ds/bomb/zarr-none/0/0/0/0/0/0"), timeout=60)
+        small = requests.get(srv.url("/ds/bomb/zarr-none/0/0/0/0/0/0"), timeout=60)
+        large = requests.get(srv.url("/ds/bigbomb/zarr-none/0/0/0/0/0/0"), timeout=60)
     finally:
         done.set()
         watcher.join()
-    assert r.status_code == 500 and "16384 bytes its header says" in r.text, (r.status_code, r.text)
+    assert small.status_code == 500 and "16384 bytes its header says" in small.text, (small.status_code, small.text)
+    assert large.status_code == 500 and "more than the 98332 bytes a block" in large.text, (large.status_code,
+                                                                                           large.text)
     assert max(peak) - before < 200 * 2**20, f"the server grew by {(max(peak) - before) / 2**20:.0f} MiB"
     _others_answer(srv)
 
