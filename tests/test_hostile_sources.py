@@ -138,8 +138,8 @@ def hostile(tmp_path_factory):
     (root / "swc").mkdir()
     (root / "swc" / "far.swc").write_text("1 1 10 10 4 1 -1\n2 3 1e308 10 4 1 1\n")
     (root / "swc" / "near.swc").write_text("1 1 10 10 4 1 -1\n2 3 12 10 4 1 1\n")
-    ids = {"good": "good", "huge": "huge.n5", "e300": "e300.n5", "bomb": "bomb.n5", "bigbomb": "bigbomb.n5", "bdv": "bdv/one.xml",
-           "mixed": "mixed"}
+    ids = {"good": "good", "huge": "huge.n5", "e300": "e300.n5", "bomb": "bomb.n5", "bigbomb": "bigbomb.n5",
+           "bdv": "bdv/one.xml", "mixed": "mixed"}
     text = "".join(f'[[datasets]]\nid = "{i}"\npath = "{root / p}"\nvoxel_size = [1.0, 1.0, 1.0]\n\n'
                    for i, p in ids.items())
     text += f'[[datasets]]\nid = "traced"\nkind = "skeletons"\nspace = "good"\npath = "{root / "swc"}"\n'
