@@ -9,10 +9,12 @@ waits. Work calls `checkpoint()` between pieces (between the blocks of the pyram
 subtasks of Workers.map, the pieces of a checksum), which raises `Cancelled` once its token is
 cancelled. Cancelled work is never cached: the next request for it computes it again.
 
-Shares. One dataset cannot hold more than a share of the pool's threads at once (`Share`): a
-request's job waits, off the pool, until its dataset has a free thread, and Workers.map spreads a
-job's subtasks over more threads only while its dataset has free ones (else the caller runs them
-itself). So a dataset whose every chunk needs millions of blocks slows itself, not the others.
+Shares. One dataset holds at most one thread a core, and the pool keeps a reserve of threads
+beyond those for the other datasets (`Shares`). A request's job waits, off the pool, until its
+dataset may have a thread, and Workers.map spreads a job's subtasks over more threads only while
+its dataset may have them (else the caller runs them itself). So a dataset whose every chunk needs
+millions of blocks slows itself, not the others, and one viewer of one dataset still gets every
+core.
 
 Work outside a request (export, tests calling readers directly) has no token and no share: it is
 never cancelled and may use every thread, as before.
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import itertools
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -130,54 +133,111 @@ def carried(fn: Callable[[], Any]) -> Callable[[], Any]:
     return lambda: context.run(fn)
 
 
-class Share:
-    """At most `limit` threads working for one dataset at once: its requests' jobs and their
-    subtasks together. A job waits for a thread on the event loop (`take`), a subtask only takes
-    a free one (`try_take`); a thread given back goes to the longest-waiting job first."""
+class Shares:
+    """The pool's threads, handed out by dataset. The pool has `threads` threads (one a core) and
+    `reserve` more. One dataset may hold up to `threads` of them, so one viewer of one dataset gets
+    every core; the reserve goes only to datasets holding fewer than `limit`, so however long one
+    dataset's work runs (the coarsest chunk of a terabyte), another dataset's chunk always finds a
+    thread, at the price of sharing the cores for a while. A thread given back goes to the
+    longest-waiting job that may have it."""
 
-    def __init__(self, limit: int):
-        self.limit = max(1, limit)
-        self.busy = 0
+    def __init__(self, threads: int, reserve: int, limit: int):
+        self.threads, self.reserve, self.limit = max(1, threads), max(1, reserve), max(1, limit)
+        self.busy = 0  # threads held by every dataset together
         self._lock = threading.Lock()
-        self._waiting: deque[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = deque()
+        self._shares: dict[str, Share] = {}
+        self._waiting: set[Share] = set()  # shares with jobs waiting for a thread
+        self._order = itertools.count()  # who waited first, across datasets
+
+    def of(self, dataset: str) -> Share:
+        with self._lock:
+            share = self._shares.get(dataset)
+            if share is None:
+                share = self._shares[dataset] = Share(self)
+            return share
+
+    def _allows(self, share: Share) -> bool:
+        """Whether `share` may hold one more thread (under the lock)."""
+        if self.busy < self.threads:
+            return True
+        return self.busy < self.threads + self.reserve and share.busy < self.limit
+
+    def _take(self, share: Share) -> None:
+        share.busy += 1
+        self.busy += 1
+
+    def _dispatch(self) -> list[tuple[Share, asyncio.AbstractEventLoop, asyncio.Future]]:
+        """The waiting jobs that get the free threads now (under the lock)."""
+        handed = []
+        while self._waiting:
+            candidates = [s for s in self._waiting if self._allows(s)]
+            if not candidates:
+                break
+            share = min(candidates, key=lambda s: s._queue[0][0])
+            _, loop, future = share._queue.popleft()
+            if not share._queue:
+                self._waiting.discard(share)
+            self._take(share)
+            handed.append((share, loop, future))
+        return handed
+
+    def _hand_over(self, handed: list[tuple[Share, asyncio.AbstractEventLoop, asyncio.Future]]) -> None:
+        for share, loop, future in handed:
+            try:
+                loop.call_soon_threadsafe(share._hand, future)
+            except RuntimeError:  # the loop is closed: the server has stopped
+                pass
+
+
+class Share:
+    """One dataset's threads of the pool (Shares). A job waits for a thread on the event loop
+    (`take`), a subtask only takes a free one (`try_take`)."""
+
+    def __init__(self, shares: Shares):
+        self._shares = shares
+        self.busy = 0
+        self._queue: deque[tuple[int, asyncio.AbstractEventLoop, asyncio.Future]] = deque()
 
     def try_take(self) -> bool:
-        with self._lock:
-            if self.busy < self.limit and not self._waiting:
-                self.busy += 1
-                return True
-            return False
+        shares = self._shares
+        with shares._lock:
+            if self._queue or not shares._allows(self):  # its waiting jobs come first
+                return False
+            shares._take(self)
+            return True
 
     async def take(self) -> None:
-        """Wait until a thread of this share is free, and hold it (give it back with `give_back`)."""
-        loop = asyncio.get_running_loop()
-        with self._lock:
-            if self.busy < self.limit and not self._waiting:
-                self.busy += 1
+        """Wait until this dataset may have a thread, and hold it (give it back with `give_back`)."""
+        shares, loop = self._shares, asyncio.get_running_loop()
+        with shares._lock:
+            if not self._queue and shares._allows(self):
+                shares._take(self)
                 return
-            entry = (loop, loop.create_future())
-            self._waiting.append(entry)
+            entry = (next(shares._order), loop, loop.create_future())
+            self._queue.append(entry)
+            shares._waiting.add(self)
         try:
-            await entry[1]
+            await entry[2]
         except asyncio.CancelledError:
-            with self._lock:
-                queued = entry in self._waiting
+            with shares._lock:
+                queued = entry in self._queue
                 if queued:
-                    self._waiting.remove(entry)
-            if not queued and entry[1].done() and not entry[1].cancelled():
+                    self._queue.remove(entry)
+                    if not self._queue:
+                        shares._waiting.discard(self)
+                handed = shares._dispatch()  # another dataset may take what this one waited for
+            shares._hand_over(handed)
+            if not queued and entry[2].done() and not entry[2].cancelled():
                 self.give_back()  # handed over just as its waiter left
             raise
 
     def give_back(self) -> None:
-        with self._lock:
-            if not self._waiting:
-                self.busy -= 1
-                return
-            loop, future = self._waiting.popleft()  # the thread goes on working for this share
-        try:
-            loop.call_soon_threadsafe(self._hand, future)
-        except RuntimeError:  # the loop is closed: the server has stopped
-            pass
+        shares = self._shares
+        with shares._lock:
+            self.busy -= 1
+            shares.busy -= 1
+            handed = shares._dispatch()
+        shares._hand_over(handed)
 
     def _hand(self, future: asyncio.Future) -> None:
         if future.cancelled():

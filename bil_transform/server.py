@@ -155,9 +155,10 @@ async def _in_pool(request: web.Request, fn: Callable[..., Any], *args, light: b
     """Run CPU or I/O work on the workers; shed load with 503 when the queue is too deep.
 
     Catalog answers, pages and metadata documents (light) go to a small pool of their own, so
-    that chunk work never delays them. Other work counts against its dataset's share: at most
-    Workers.share threads (half the pool) work for one dataset at once, its jobs and their
-    subtasks together (jobs.Share); a job waits for its turn here, on the loop, holding no thread.
+    that chunk work never delays them. Other work counts against its dataset's share: one dataset
+    holds at most a thread a core, its jobs and their subtasks together, and the pool's reserve
+    threads go to datasets holding little (jobs.Shares); a job waits for its turn here, on the
+    loop, holding no thread.
     A client that leaves cancels its job (jobs.Token): queued, it never runs; running, it stops
     at its next checkpoint, unless another request waits for the same computation. The request
     then ends as cancelled (a 499 in /metrics)."""
@@ -237,10 +238,7 @@ def _share(request: web.Request) -> jobs.Share | None:
     ident = request.match_info.get("id")
     if ident is None:
         return None
-    shares = request.app[STATE]["shares"]
-    if ident not in shares:
-        shares[ident] = jobs.Share(request.app[WORKERS].share)
-    return shares[ident]
+    return request.app[WORKERS].shares.of(ident)
 
 
 def _dataset(request: web.Request) -> Dataset:
@@ -831,7 +829,6 @@ def create_app(datasets: dict[str, Dataset], cache: Cache, workers: Workers,
     app[STATE] = {"queued": 0, "max_queued": workers.threads * 256, "viewer": viewer, "max_region": max_region,
                   "public_url": public_url.rstrip("/") if public_url else None, "trust_forwarded": trust_forwarded}
     app[STATE]["in_flight"] = InFlight.for_cache(cache.max_bytes)
-    app[STATE]["shares"] = {}  # dataset id -> its jobs.Share of the workers
     app[METRICS] = Metrics(cache, workers.meter, {**datasets, **app[SKELETONS]}, lambda: app[STATE]["queued"])
     routes = [("/", index), ("/healthz", healthz), ("/metrics", metrics), ("/api/datasets", list_datasets),
               ("/api/openapi.json", openapi_document), ("/readyz", readyz),

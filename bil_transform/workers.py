@@ -70,7 +70,11 @@ class Workers:
         # One thread per core: chunk assembly is partly Python, and extra threads only fight over
         # the GIL (benchmarks/serve_throughput.py --workers N). Storage with high latency wants more.
         self.threads = threads or os.cpu_count() or 1
-        self.pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="bil-worker")
+        # Beyond them, a reserve that only datasets holding little may use (jobs.Shares): one dataset's
+        # long work never leaves another's chunk without a thread.
+        half = max(1, self.threads // 2)
+        self.shares = jobs.Shares(self.threads, reserve=half, limit=half)
+        self.pool = ThreadPoolExecutor(max_workers=self.threads + half, thread_name_prefix="bil-worker")
         # Checks of source files (stats, and reopening what changed) get a thread of their own: queued
         # behind cold chunk work they made cache hits wait with them (p95 1.7 s under load, issue 13).
         self.checks = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bil-check")
@@ -78,16 +82,11 @@ class Workers:
         self.light = ThreadPoolExecutor(max_workers=LIGHT_THREADS, thread_name_prefix="bil-light")
         self.meter = Meter()
 
-    @property
-    def share(self) -> int:
-        """Threads one dataset may hold at once (jobs.Share): half the pool, at least one."""
-        return max(1, self.threads // 2)
-
     def map(self, fn: Callable[[T], Any], items: Iterable[T]) -> list:
         """[fn(item) for item in items], spread over idle workers; safe to call from a worker.
 
         The caller and its helpers (at most one per other thread, and only while the job's
-        dataset has threads of its share free: jobs.Share) take items one at a time until none is
+        dataset may have more threads: jobs.Shares) take items one at a time until none is
         left; the caller then waits only for helpers already running, and takes back the others.
         Every item is preceded by a checkpoint: a cancelled job stops between items (jobs.py)."""
         items = list(items)
