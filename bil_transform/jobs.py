@@ -10,8 +10,8 @@ subtasks of Workers.map, the pieces of a checksum), which raises `Cancelled` onc
 cancelled. Cancelled work is never cached: the next request for it computes it again.
 
 Shares. One dataset holds at most one thread a core, and the pool keeps a reserve of threads
-beyond those for the other datasets (`Shares`). A request's job waits, off the pool, until its
-dataset may have a thread, and Workers.map spreads a job's subtasks over more threads only while
+beyond those for the other datasets (`Shares`). A request's job waits in its dataset's queue until
+the dataset may have a thread, and Workers.map spreads a job's subtasks over more threads only while
 its dataset may have them (else the caller runs them itself). So a dataset whose every chunk needs
 millions of blocks slows itself, not the others, and one viewer of one dataset still gets every
 core.
@@ -22,12 +22,13 @@ never cancelled and may use every thread, as before.
 
 from __future__ import annotations
 
-import asyncio
 import contextvars
 import itertools
 import threading
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Executor, Future
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -138,10 +139,12 @@ class Shares:
     `reserve` more. One dataset may hold up to `threads` of them, so one viewer of one dataset gets
     every core; the reserve goes only to datasets holding fewer than `limit`, so however long one
     dataset's work runs (the coarsest chunk of a terabyte), another dataset's chunk always finds a
-    thread, at the price of sharing the cores for a while. A thread given back goes to the
-    longest-waiting job that may have it."""
+    thread, at the price of sharing the cores for a while. A job waits in its dataset's queue, and
+    a thread given back starts the longest-waiting job that may have it, from the thread that gave
+    it back (no trip through the event loop between two jobs)."""
 
-    def __init__(self, threads: int, reserve: int, limit: int):
+    def __init__(self, pool: Executor, threads: int, reserve: int, limit: int):
+        self.pool = pool  # threads + reserve threads
         self.threads, self.reserve, self.limit = max(1, threads), max(1, reserve), max(1, limit)
         self.busy = 0  # threads held by every dataset together
         self._lock = threading.Lock()
@@ -166,37 +169,60 @@ class Shares:
         share.busy += 1
         self.busy += 1
 
-    def _dispatch(self) -> list[tuple[Share, asyncio.AbstractEventLoop, asyncio.Future]]:
-        """The waiting jobs that get the free threads now (under the lock)."""
+    def _dispatch(self) -> list[tuple[Share, _Job]]:
+        """The waiting jobs that get the free threads now (under the lock); jobs whose request has
+        gone are dropped on the way."""
         handed = []
         while self._waiting:
+            for share in list(self._waiting):
+                while share._queue and share._queue[0].future.cancelled():
+                    share._queue.popleft()
+                if not share._queue:
+                    self._waiting.discard(share)
             candidates = [s for s in self._waiting if self._allows(s)]
             if not candidates:
                 break
-            share = min(candidates, key=lambda s: s._queue[0][0])
-            _, loop, future = share._queue.popleft()
+            share = min(candidates, key=lambda s: s._queue[0].order)
+            job = share._queue.popleft()
             if not share._queue:
                 self._waiting.discard(share)
             self._take(share)
-            handed.append((share, loop, future))
+            handed.append((share, job))
         return handed
 
-    def _hand_over(self, handed: list[tuple[Share, asyncio.AbstractEventLoop, asyncio.Future]]) -> None:
-        for share, loop, future in handed:
-            try:
-                loop.call_soon_threadsafe(share._hand, future)
-            except RuntimeError:  # the loop is closed: the server has stopped
-                pass
+    def _start(self, handed: list[tuple[Share, _Job]]) -> None:
+        for share, job in handed:
+            self.pool.submit(share._execute, job)
+
+
+@dataclass(frozen=True)
+class _Job:
+    order: int
+    future: Future
+    token: Token | None
+    fn: Callable[..., Any]
+    args: tuple
 
 
 class Share:
-    """One dataset's threads of the pool (Shares). A job waits for a thread on the event loop
-    (`take`), a subtask only takes a free one (`try_take`)."""
+    """One dataset's threads of the pool (Shares). A request's job waits in its queue (`submit`),
+    a subtask only takes a free thread (`try_take`)."""
 
     def __init__(self, shares: Shares):
         self._shares = shares
         self.busy = 0
-        self._queue: deque[tuple[int, asyncio.AbstractEventLoop, asyncio.Future]] = deque()
+        self._queue: deque[_Job] = deque()
+
+    def submit(self, token: Token | None, fn: Callable[..., Any], *args) -> Future:
+        """fn(*args) under `token` on a thread of this share, when it may have one; cancel the
+        future to drop it while it waits."""
+        shares, future = self._shares, Future()
+        with shares._lock:
+            self._queue.append(_Job(next(shares._order), future, token, fn, args))
+            shares._waiting.add(self)
+            handed = shares._dispatch()
+        shares._start(handed)
+        return future
 
     def try_take(self) -> bool:
         shares = self._shares
@@ -206,44 +232,26 @@ class Share:
             shares._take(self)
             return True
 
-    async def take(self) -> None:
-        """Wait until this dataset may have a thread, and hold it (give it back with `give_back`)."""
-        shares, loop = self._shares, asyncio.get_running_loop()
-        with shares._lock:
-            if not self._queue and shares._allows(self):
-                shares._take(self)
-                return
-            entry = (next(shares._order), loop, loop.create_future())
-            self._queue.append(entry)
-            shares._waiting.add(self)
-        try:
-            await entry[2]
-        except asyncio.CancelledError:
-            with shares._lock:
-                queued = entry in self._queue
-                if queued:
-                    self._queue.remove(entry)
-                    if not self._queue:
-                        shares._waiting.discard(self)
-                handed = shares._dispatch()  # another dataset may take what this one waited for
-            shares._hand_over(handed)
-            if not queued and entry[2].done() and not entry[2].cancelled():
-                self.give_back()  # handed over just as its waiter left
-            raise
-
     def give_back(self) -> None:
         shares = self._shares
         with shares._lock:
             self.busy -= 1
             shares.busy -= 1
             handed = shares._dispatch()
-        shares._hand_over(handed)
+        shares._start(handed)
 
-    def _hand(self, future: asyncio.Future) -> None:
-        if future.cancelled():
+    def _execute(self, job: _Job) -> None:
+        """Run a job on the thread it was handed, then give the thread back (on the pool)."""
+        try:
+            if job.future.set_running_or_notify_cancel():
+                try:
+                    result = run(job.token, self, job.fn, *job.args)
+                except BaseException as exc:
+                    job.future.set_exception(exc)
+                else:
+                    job.future.set_result(result)
+        finally:
             self.give_back()
-        else:
-            future.set_result(None)
 
 
 def try_take_share() -> tuple[bool, Share | None]:

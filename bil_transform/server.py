@@ -157,8 +157,8 @@ async def _in_pool(request: web.Request, fn: Callable[..., Any], *args, light: b
     Catalog answers, pages and metadata documents (light) go to a small pool of their own, so
     that chunk work never delays them. Other work counts against its dataset's share: one dataset
     holds at most a thread a core, its jobs and their subtasks together, and the pool's reserve
-    threads go to datasets holding little (jobs.Shares); a job waits for its turn here, on the
-    loop, holding no thread.
+    threads go to datasets holding little (jobs.Shares); a job waits for its turn in its
+    dataset's queue, holding no thread.
     A client that leaves cancels its job (jobs.Token): queued, it never runs; running, it stops
     at its next checkpoint, unless another request waits for the same computation. The request
     then ends as cancelled (a 499 in /metrics)."""
@@ -170,18 +170,11 @@ async def _in_pool(request: web.Request, fn: Callable[..., Any], *args, light: b
     share = None if light else _share(request)
     token = jobs.Token()
     state["queued"] += 1
-    try:
-        if share is not None:
-            await _attended(request, asyncio.ensure_future(share.take()), token)
-        job = (workers.light if light else workers.pool).submit(jobs.run, token, share, fn, *args)
-    except BaseException:
-        state["queued"] -= 1
-        raise
+    job = (share.submit(token, fn, *args) if share is not None
+           else (workers.light if light else workers.pool).submit(jobs.run, token, None, fn, *args))
 
     def ended() -> None:  # the job's thread is free again (or the job never started)
         state["queued"] -= 1
-        if share is not None:
-            share.give_back()
 
     def done(_) -> None:
         try:
@@ -198,25 +191,23 @@ async def _in_pool(request: web.Request, fn: Callable[..., Any], *args, light: b
         raise
 
 
-async def _attended(request: web.Request, pending: asyncio.Future | Future, token: jobs.Token) -> Any:
-    """The result of `pending`, waited for while the client is there: once it has gone, the
-    token is cancelled and the request ends as cancelled. Long work logs its progress."""
+async def _attended(request: web.Request, job: Future, token: jobs.Token) -> Any:
+    """The result of a job on the workers, waited for while the client is there: once it has gone,
+    the token is cancelled and the request ends as cancelled. Long work logs its progress."""
     waited, last = 0.0, 0.0
-    future = asyncio.wrap_future(pending) if isinstance(pending, Future) else pending
+    future = asyncio.wrap_future(job)
     try:
         while not (await asyncio.wait({future}, timeout=POLL))[0]:
             if _gone(request):
                 raise asyncio.CancelledError()  # nobody to answer: as aiohttp does when it cancels a handler
             waited += POLL
-            if isinstance(pending, Future) and waited - last >= PROGRESS_EVERY:
+            if waited - last >= PROGRESS_EVERY:
                 last = waited  # a long computation (a coarse level of a file with no overviews) shows itself
                 blocks = sum(n for n, _ in request.app[WORKERS].meter.snapshot()["levels"].values())
                 log.info("%s: still computing after %d s (%d blocks computed so far, server-wide; %d jobs queued)",
                          _shown_path(request), waited, blocks, request.app[STATE]["queued"])
     except BaseException:
         token.cancel()
-        if not isinstance(pending, Future):
-            future.cancel()
         future.add_done_callback(lambda f: f.cancelled() or f.exception())  # its end is nobody's news
         raise
     return future.result()

@@ -73,8 +73,8 @@ class Workers:
         # Beyond them, a reserve that only datasets holding little may use (jobs.Shares): one dataset's
         # long work never leaves another's chunk without a thread.
         half = max(1, self.threads // 2)
-        self.shares = jobs.Shares(self.threads, reserve=half, limit=half)
         self.pool = ThreadPoolExecutor(max_workers=self.threads + half, thread_name_prefix="bil-worker")
+        self.shares = jobs.Shares(self.pool, self.threads, reserve=half, limit=half)
         # Checks of source files (stats, and reopening what changed) get a thread of their own: queued
         # behind cold chunk work they made cache hits wait with them (p95 1.7 s under load, issue 13).
         self.checks = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bil-check")

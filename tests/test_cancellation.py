@@ -221,7 +221,8 @@ def test_a_shared_computation_stops_only_when_its_last_waiter_leaves_and_is_neve
 
 
 def test_map_stops_between_items_and_keeps_to_the_share():
-    workers, share = Workers(4), jobs.Shares(2, reserve=1, limit=1).of("ds")
+    workers = Workers(4)
+    share = jobs.Shares(workers.pool, 2, reserve=1, limit=1).of("ds")
     token, seen, busy, most = jobs.Token(), [], [0], [0]
     lock = threading.Lock()
 

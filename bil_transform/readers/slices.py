@@ -255,10 +255,11 @@ class SliceStackReader:
         zs, ys, xs = region
         channel, sample = divmod(c, self._slice.samples)
         out = np.empty([s.stop - s.start for s in region], self.volume.dtype)
-        for i, f in enumerate(self._files[channel][zs]):
-            with reading(f, "the slice"), confine.confined(self.root):
-                where = SliceFile(f, self.volume.version, self._open, self.segments)
-                self.format.read(self._header(f), where, level, ys, xs, sample, out[i])
+        with confine.confined(self.root):  # once a read: it resolves the root
+            for i, f in enumerate(self._files[channel][zs]):
+                with reading(f, "the slice"):
+                    where = SliceFile(f, self.volume.version, self._open, self.segments)
+                    self.format.read(self._header(f), where, level, ys, xs, sample, out[i])
         return out
 
 
