@@ -215,6 +215,29 @@ def server(sources):
     srv.stop()
 
 
+def bdv_xml(path: Path, h5: str, kind: str = "relative", last_timepoint: str = "0",
+            affine: str = "1 0 0 0 0 1 0 0 0 0 1 0") -> None:
+    """A BigDataViewer XML of one 32 x 32 x 8 setup whose <hdf5> (`kind`: relative or absolute) names
+    `h5`; hostile tests put what they want in each field, as text."""
+    path.write_text(f"""<?xml version="1.0" encoding="UTF-8"?>
+<SpimData version="0.2">
+  <BasePath type="relative">.</BasePath>
+  <SequenceDescription>
+    <ImageLoader format="bdv.hdf5"><hdf5 type="{kind}">{h5}</hdf5></ImageLoader>
+    <ViewSetups>
+      <ViewSetup><id>0</id><name>s0</name><size>32 32 8</size>
+        <voxelSize><unit>micrometer</unit><size>1 1 1</size></voxelSize></ViewSetup>
+    </ViewSetups>
+    <Timepoints type="range"><first>0</first><last>{last_timepoint}</last></Timepoints>
+  </SequenceDescription>
+  <ViewRegistrations>
+    <ViewRegistration timepoint="0" setup="0"><ViewTransform type="affine"><affine>{affine}</affine></ViewTransform>
+    </ViewRegistration>
+  </ViewRegistrations>
+</SpimData>
+""")
+
+
 def ome_group(server: Server, ds: str) -> tuple[zarr.Group, list[dict]]:
     """A dataset's served OME-Zarr 0.4 group, read by zarr-python, and its multiscales datasets."""
     group = zarr.open_group(server.url(f"/ds/{ds}/zarr"), mode="r")

@@ -21,7 +21,7 @@ import pytest
 import requests
 import tifffile
 import zarr
-from conftest import Server
+from conftest import Server, bdv_xml
 from imaris_writer import write_ims
 
 SECRET = b"CANARY-tok3n-8c1f2e-"
@@ -40,22 +40,6 @@ def _bdv_h5(path: Path, cells: np.ndarray | None = None, **cells_kw) -> None:
             f.create_dataset("t00000/s00/0/cells", data=cells, chunks=(8, 32, 32))
         else:
             f.create_dataset("t00000/s00/0/cells", shape=SHAPE, dtype="u1", **cells_kw)
-
-
-def _bdv_xml(path: Path, h5: str, kind: str = "relative") -> None:
-    path.write_text(f"""<?xml version="1.0" encoding="UTF-8"?>
-<SpimData version="0.2">
-  <BasePath type="relative">.</BasePath>
-  <SequenceDescription>
-    <ImageLoader format="bdv.hdf5"><hdf5 type="{kind}">{h5}</hdf5></ImageLoader>
-    <ViewSetups>
-      <ViewSetup><id>0</id><name>s0</name><size>32 32 8</size>
-        <voxelSize><unit>um</unit><size>1 1 1</size></voxelSize></ViewSetup>
-    </ViewSetups>
-    <Timepoints type="range"><first>0</first><last>0</last></Timepoints>
-  </SequenceDescription>
-</SpimData>
-""")
 
 
 def _n5_dataset(path: Path, block: tuple[int, int, int] = (32, 32, 8), data: np.ndarray | None = None) -> None:
@@ -113,10 +97,10 @@ def hostile(tmp_path_factory):
         entries[name] = ims
     # BigDataViewer XML naming an .h5 outside: absolute, and climbing with ../
     (archive / "xml_abs").mkdir()
-    _bdv_xml(archive / "xml_abs" / "dataset.xml", str(outside / "bdv.h5"), "absolute")
+    bdv_xml(archive / "xml_abs" / "dataset.xml", str(outside / "bdv.h5"), "absolute")
     entries["xml_abs"] = archive / "xml_abs" / "dataset.xml"
     (archive / "xml_up").mkdir()
-    _bdv_xml(archive / "xml_up" / "dataset.xml", "../../outside/bdv.h5")
+    bdv_xml(archive / "xml_up" / "dataset.xml", "../../outside/bdv.h5")
     entries["xml_up"] = archive / "xml_up" / "dataset.xml"
     # an N5 (COSEM) multiscale group whose level climbs out with ../
     (archive / "n5_up" / "ms.n5").mkdir(parents=True)
@@ -163,7 +147,7 @@ def hostile(tmp_path_factory):
         f["s00/subdivisions"] = np.array([[16, 16, 4]], np.int32)
         f["s00"].attrs["dataType"] = "uint16"
         f.create_dataset("t00000/s00/0/cells", data=up, chunks=(4, 16, 16))
-    _bdv_xml(archive / "lab" / "xml" / "dataset.xml", "../raw/data.h5")
+    bdv_xml(archive / "lab" / "xml" / "dataset.xml", "../raw/data.h5")
     entries["up_default"] = archive / "lab" / "xml" / "dataset.xml"
     # SWC tracings on the fine image, one of them a symlink to a tokens file (its parse error would quote it)
     (outside / "tokens.swc").write_bytes(SECRET + b" lab1 read write 2026 12 07\n")

@@ -27,7 +27,7 @@ import psutil
 import pytest
 import requests
 import tifffile
-from conftest import Server
+from conftest import Server, bdv_xml
 
 import bil_transform.readers.n5 as n5
 from bil_transform.readers import SourceError, open_source
@@ -83,26 +83,6 @@ def _bdv_h5(path, data: np.ndarray | None, shape=None, timepoints=(0,)) -> None:
                 f.create_dataset(f"t{tp:05d}/s00/0/cells", shape=shape, dtype=np.int16, chunks=(64, 64, 64))
 
 
-def _bdv_xml(path, h5_name: str, timepoints: str, affine: str = "1 0 0 0 0 1 0 0 0 0 1 0") -> None:
-    path.write_text(f"""<?xml version="1.0" encoding="UTF-8"?>
-<SpimData version="0.2">
-  <BasePath type="relative">.</BasePath>
-  <SequenceDescription>
-    <ImageLoader format="bdv.hdf5"><hdf5 type="relative">{h5_name}</hdf5></ImageLoader>
-    <ViewSetups>
-      <ViewSetup><id>0</id><name>s0</name><size>32 32 8</size>
-        <voxelSize><unit>micrometer</unit><size>1 1 1</size></voxelSize></ViewSetup>
-    </ViewSetups>
-    <Timepoints type="range"><first>0</first><last>{timepoints}</last></Timepoints>
-  </SequenceDescription>
-  <ViewRegistrations>
-    <ViewRegistration timepoint="0" setup="0"><ViewTransform type="affine"><affine>{affine}</affine></ViewTransform>
-    </ViewRegistration>
-  </ViewRegistrations>
-</SpimData>
-""")
-
-
 def _strict(text: str):
     """JSON as a browser parses it: NaN and Infinity are errors."""
     def refuse(constant: str):
@@ -130,7 +110,7 @@ def hostile(tmp_path_factory):
     # a BigDataViewer XML claiming 30 million time points beside a .h5 holding one
     (root / "bdv").mkdir()
     _bdv_h5(root / "bdv" / "one.h5", GOOD)
-    _bdv_xml(root / "bdv" / "one.xml", "one.h5", "29999999")
+    bdv_xml(root / "bdv" / "one.xml", "one.h5", last_timepoint="29999999")
     # channel directories whose slices differ in shape
     _tiff_stack(root / "mixed" / "c0", np.ones((4, 32, 32), np.uint16))
     _tiff_stack(root / "mixed" / "c1", np.ones((4, 32, 40), np.uint16))
@@ -221,7 +201,7 @@ def test_30_million_time_points_in_an_xml_cost_nothing(hostile):
 def test_links_give_templates_not_a_url_per_time_point(tmp_path):
     """An XML of 5,000 time points whose .h5 holds them all: the links hold one template each."""
     _bdv_h5(tmp_path / "many.h5", GOOD[:1, :8, :8], timepoints=(0, 4999))
-    _bdv_xml(tmp_path / "many.xml", "many.h5", "4999")
+    bdv_xml(tmp_path / "many.xml", "many.h5", last_timepoint="4999")
     (tmp_path / "catalog.toml").write_text(f'[[datasets]]\nid = "many"\npath = "{tmp_path / "many.xml"}"\n')
     srv = Server(tmp_path / "catalog.toml")
     try:
@@ -335,7 +315,7 @@ def test_coordinates_of_1e308_never_put_infinity_in_json(hostile):
 
 def test_a_nan_registration_is_refused_at_open(tmp_path):
     _bdv_h5(tmp_path / "reg.h5", GOOD)
-    _bdv_xml(tmp_path / "reg.xml", "reg.h5", "0", affine="1 0 0 nan 0 1 0 0 0 0 1 0")
+    bdv_xml(tmp_path / "reg.xml", "reg.h5", affine="1 0 0 nan 0 1 0 0 0 0 1 0")
     with pytest.raises(SourceError, match=r"reg.xml: unreadable BigDataViewer metadata: an affine with a number that "
                                           r"is not finite"):
         open_source(tmp_path / "reg.xml")
