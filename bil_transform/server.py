@@ -145,7 +145,7 @@ async def errors_and_preflights(request: web.Request, handler: Callable) -> web.
 def _client_left(request: web.Request, exc: BaseException) -> bool:
     """Whether `exc` is the client's connection gone (then the request is counted as 499), not a
     fault of ours that happens to be a ConnectionError."""
-    gone = isinstance(exc, ConnectionError) and (request.transport is None or request.transport.is_closing())
+    gone = isinstance(exc, ConnectionError) and _gone(request)
     if gone:
         request["client_left"] = True
     return gone

@@ -10,6 +10,7 @@ import threading
 import numpy as np
 import pytest
 import tifffile
+import zarr
 from reference import downsample_mean, downsample_mode
 
 from bil_transform.cache import Cache
@@ -230,3 +231,13 @@ def test_info_command_prints_what_the_reader_sees(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "bil_transform", "info", str(tmp_path / "nope")],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1 and "no such file" in bad.stderr
+
+
+def test_a_sharded_zarr_source_reads_exactly_through_byte_ranges(tmp_path):
+    data = np.random.default_rng(3).integers(0, 60000, (20, 70, 90), dtype=np.uint16)
+    arr = zarr.create_array(tmp_path / "sharded.zarr", shape=data.shape, chunks=(8, 16, 16), shards=(16, 32, 32),
+                            dtype="uint16")
+    arr[:] = data
+    reader = open_source(tmp_path / "sharded.zarr")
+    region = (slice(3, 19), slice(5, 66), slice(0, 90))
+    assert np.array_equal(reader.read(0, 0, 0, region), data[region])

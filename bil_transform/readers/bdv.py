@@ -268,13 +268,7 @@ class BdvReader:
             else:
                 desc = None
         self.h5 = desc.h5 if desc else self.path
-        confine.check_file(self.h5, self.xml)
-        try:
-            f = h5py.File(self.h5, "r")
-        except Exception as exc:
-            raise SourceError(f"{self.h5}: not a readable HDF5 file ({exc})") from exc
-        with f:
-            confine.check_hdf5_links(f)
+        with confine.open_hdf5(self.h5, self.xml) as f:
             desc = desc or self._bare(f)
             self.missing, self.attribute_names = desc.missing, desc.names
             self.timepoints = self._held(f, desc)

@@ -208,7 +208,10 @@ def open_hdf5(path: str | Path, named_by: str | Path | None = None):
     import h5py
 
     real = check_file(path, named_by)
-    f = h5py.File(real, "r")
+    try:
+        f = h5py.File(real, "r")
+    except Exception as exc:
+        raise SourceError(f"{path}: not a readable HDF5 file ({exc})") from exc
     try:
         check_hdf5_links(f)
     except BaseException:

@@ -69,13 +69,7 @@ class ImarisReader:
         self.segments = segments or uncached("segments")
         self._local = threading.local()
         self._layouts: dict[str, Chunked | None] = {}  # per Data path, read once at open
-        confine.check_file(self.path)
-        try:
-            f = h5py.File(self.path, "r")
-        except Exception as exc:
-            raise SourceError(f"{self.path}: not a readable HDF5 file ({exc})") from exc
-        with f:
-            confine.check_hdf5_links(f)
+        with confine.open_hdf5(self.path) as f:
             self.volume = self._describe(f)
 
     def _fail(self, why: str) -> SourceError:

@@ -700,6 +700,12 @@ class N5Reader:
         order = array.axes[::-1]  # a decoded block's axes
         keep = [order.index(a) for a in "zyx" if a in order]
         ranges = [range(s.start // b, (s.stop - 1) // b + 1) for s, b in zip(spans, array.block)]
+        with confine.confined(self.root):  # once a read: it resolves the root
+            self._fill(out, array, spans, ranges, keep)
+        return out
+
+    def _fill(self, out: np.ndarray, array: Array, spans: list[slice], ranges: list[range], keep: list[int]) -> None:
+        """Copy every block the region overlaps into `out`."""
         for position in np.ndindex(*map(len, ranges)):
             position = tuple(r[i] for r, i in zip(ranges, position))
             lo = [p * b for p, b in zip(position, array.block)]
@@ -707,7 +713,7 @@ class N5Reader:
             whole = all(p.start == o and p.stop == min(o + b, d)
                         for p, o, b, d in zip(part, lo, array.block, array.dims))
             name = array.path.joinpath(*map(str, position))
-            with reading(name, f"N5 block {list(position)} (its grid position, x first)"), confine.confined(self.root):
+            with reading(name, f"N5 block {list(position)} (its grid position, x first)"):
                 block = _decode(array, position) if whole else self.segments.get_or_compute(
                     (str(name), self.volume.version), functools.partial(_kept, array, position))
             if block is None or block.size == 0:
@@ -718,7 +724,6 @@ class N5Reader:
             dst = {a: slice(p.start - w.start, p.stop - w.start) for a, p, w in zip(array.axes, part, spans)}
             target = tuple(dst.get(a, slice(0, 1)) for a in "zyx")
             out[target] = piece if "z" in array.axes else piece[np.newaxis]
-        return out
 
 
 def _kept(array: Array, position: tuple[int, ...]) -> np.ndarray:

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import zarr
+from zarr.abc.store import ByteRequest, OffsetByteRequest, RangeByteRequest, SuffixByteRequest
+from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
 from zarr.storage import LocalStore
 
 from ..cache import Section
@@ -28,28 +33,40 @@ METADATA_FILES = ("zarr.json", ".zarray", ".zattrs", ".zgroup")
 
 
 class ConfinedStore(LocalStore):
-    """A read-only local store whose every key resolves inside the dataset's root to a regular file
-    (confine.py): a chunk that is a symlink out, or a FIFO, is refused instead of read."""
+    """A read-only local store whose every key is read through confine.open_file: it resolves inside
+    the dataset's root to a regular file (a chunk that is a symlink out, or a FIFO, is refused), and
+    the bytes come from the handle that was checked, never from a second open by name."""
 
     def __init__(self, path: Path, root: Path):
         super().__init__(path, read_only=True)
         self.confined_to = root
 
-    def _check(self, key: str) -> bool:
+    def _read(self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None) -> Buffer | None:
         try:
-            with confine.open_file(self.root / key, root=self.confined_to):
-                return True
+            f = confine.open_file(self.root / key, root=self.confined_to)
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-            return False
+            return None
+        with f:
+            size = os.fstat(f.fileno()).st_size
+            if byte_range is None:
+                start, stop = 0, size
+            elif isinstance(byte_range, RangeByteRequest):
+                start, stop = byte_range.start, min(byte_range.end, size)
+            elif isinstance(byte_range, OffsetByteRequest):
+                start, stop = byte_range.offset, size
+            elif isinstance(byte_range, SuffixByteRequest):
+                start, stop = max(0, size - byte_range.suffix), size
+            else:
+                raise TypeError(f"unexpected byte range {byte_range!r}")
+            return prototype.buffer.from_bytes(os.pread(f.fileno(), max(0, stop - start), start))
 
-    async def get(self, key: str, prototype=None, byte_range=None):
-        return await super().get(key, prototype, byte_range) if self._check(key) else None
+    async def get(self, key: str, prototype: BufferPrototype | None = None,
+                  byte_range: ByteRequest | None = None) -> Buffer | None:
+        return await asyncio.to_thread(self._read, key, prototype or default_buffer_prototype(), byte_range)
 
-    async def get_partial_values(self, prototype, key_ranges):
-        key_ranges = list(key_ranges)
-        for key, _ in key_ranges:
-            self._check(key)
-        return await super().get_partial_values(prototype, key_ranges)
+    async def get_partial_values(self, prototype: BufferPrototype,
+                                 key_ranges: Iterable[tuple[str, ByteRequest | None]]) -> list[Buffer | None]:
+        return list(await asyncio.gather(*(self.get(key, prototype, byte_range) for key, byte_range in key_ranges)))
 
 
 def is_zarr(path: Path) -> bool:
