@@ -329,3 +329,38 @@ def test_hdf5_links_and_virtual_sources_inside_the_root_are_still_read(tmp_path,
                 layout[:] = h5py.VirtualSource("part.h5", "data", shape=SHAPE)
                 f.create_virtual_dataset(data, layout)
         np.testing.assert_array_equal(open_source(ims).read(0, 0, 0, whole), values)
+
+
+@pytest.mark.parametrize("kind", ["symlink", "fifo"])
+def test_a_zarr_chunk_linked_outside_or_a_fifo_is_refused_by_the_reader(tmp_path, kind):
+    from bil_transform.readers import SourceError, open_source
+
+    canary = tmp_path / "tokens.txt"
+    canary.write_bytes(CANARY)
+    values = np.arange(np.prod(SHAPE), dtype=np.uint8).reshape(SHAPE)
+    arr = zarr.create_array(tmp_path / "ds" / "a.zarr", shape=SHAPE, chunks=(8, 16, 32), dtype="uint8",
+                            compressors=None)
+    arr[:] = values
+    chunk = tmp_path / "ds" / "a.zarr" / "c" / "0" / "1" / "0"
+    chunk.unlink()
+    if kind == "symlink":
+        chunk.symlink_to(canary)
+    else:
+        os.mkfifo(chunk)
+    reader = open_source(tmp_path / "ds" / "a.zarr")
+    assert np.array_equal(reader.read(0, 0, 0, (slice(0, 8), slice(0, 16), slice(0, 32))), values[:, :16])
+    done: list = []
+    worker = threading.Thread(target=lambda: done.append(_attempt(reader)), daemon=True)
+    worker.start()
+    worker.join(10)  # a FIFO opened for reading without O_NONBLOCK would block here for good
+    assert done and isinstance(done[0], SourceError), done
+    said = str(done[0])
+    assert ("outside the dataset's root" in said) if kind == "symlink" else ("a FIFO, not a regular file" in said)
+    assert SECRET.decode() not in said
+
+
+def _attempt(reader):
+    try:
+        return reader.read(0, 0, 0, (slice(0, 8), slice(16, 32), slice(0, 32)))
+    except Exception as exc:  # the refusal, as the reader raises it
+        return exc
