@@ -82,13 +82,16 @@ def open_file(path: str | Path, named_by: str | Path | None = None, root: Path |
     """`path` opened for reading if it resolves inside the root and is a regular file: opened non-blocking
     (a FIFO never blocks the worker) without following a last symlink, then checked with fstat.
     FileNotFoundError where it does not exist."""
-    real = inside(path, named_by, root)
+    return _open_regular(inside(path, named_by, root), path)
+
+
+def _open_regular(real: Path, shown: str | Path) -> BinaryIO:
     flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
     fd = os.open(real, flags)
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
-            raise SourceError(f"{path}: {_kind(mode)}, not a regular file, so it is not read")
+            raise SourceError(f"{shown}: {_kind(mode)}, not a regular file, so it is not read")
         return os.fdopen(fd, "rb", buffering=0)
     except BaseException:
         os.close(fd)
@@ -98,9 +101,10 @@ def open_file(path: str | Path, named_by: str | Path | None = None, root: Path |
 def check_file(path: str | Path, named_by: str | Path | None = None, root: Path | None = None) -> Path:
     """The resolved path of a regular file inside the root, for a library that opens it by name
     (h5py, tifffile, OpenJPEG, libCZI); SourceError otherwise."""
-    with open_file(path, named_by, root):
+    real = inside(path, named_by, root)
+    with _open_regular(real, path):
         pass
-    return inside(path, named_by, root)
+    return real
 
 
 def read_bytes(path: str | Path, limit: int, what: str = "", root: Path | None = None) -> bytes:
