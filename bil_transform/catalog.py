@@ -3,6 +3,7 @@ and checked here; served by dataset.py)."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import difflib
 import hashlib
@@ -33,7 +34,7 @@ KNOWN_KEYS = ("id", "path", "voxel_size", "kind", "embargo", "downsample", "comp
 # The fields only a skeleton source has, and those it has not (they describe voxels)
 SKELETON_KEYS = ("space", "units", "offset")
 VOXEL_KEYS = ("voxel_size", "downsample", "compression", "encoding", "chunk", "origin", "labels", "setup", "scene")
-TOP_LEVEL = ("datasets",)  # the only key a catalog file has at its top level
+TOP_LEVEL = ("datasets", "derived")  # the keys a catalog file has at its top level
 ID_PATTERN = re.compile(r"[A-Za-z0-9._-]+")
 
 
@@ -66,6 +67,9 @@ class DatasetSpec:
     # the catalog's `root`: a directory holding the path that its source's files may be read from (an XML
     # beside a raw/ tree one level up); None: `root` below. Only the operator widens it, never a file.
     widened_root: str | None = None
+    # the catalog's `derived`: the store of prepared coarse levels (pyramid/prepared.py); not part of
+    # what the bytes derive from, so neither compared nor in the repr that keys derived bytes
+    derived: str | None = field(default=None, compare=False, repr=False)
 
     @property
     def selection(self) -> dict[str, int]:
@@ -330,6 +334,12 @@ def load_catalog(path: str | Path) -> list[DatasetSpec]:
         hint = _did_you_mean(key, TOP_LEVEL, 0.6) or (
             "; a catalog holds only [[datasets]] tables, and a dataset's fields go below its [[datasets]] line")
         raise CatalogError(f"{path}: unknown {what} {key!r}{hint}")
+    derived = doc.get("derived")
+    if derived is not None and (not isinstance(derived, str) or not derived.strip()):
+        raise CatalogError(f"{path}: derived must be a directory or a URL (the store of prepared coarse levels), "
+                           f"as a string; got {_show(derived)}")
+    if derived is not None and "://" not in derived:
+        derived = str((path.parent / Path(derived).expanduser()).resolve())
     entries = doc.get("datasets", [])
     if isinstance(entries, dict):
         raise CatalogError(f"{path}: datasets must be an array of tables, one [[datasets]] (two brackets) per "
@@ -346,7 +356,7 @@ def load_catalog(path: str | Path) -> list[DatasetSpec]:
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict):
             raise CatalogError(f"{path}: datasets[{i}] must be a table ([[datasets]]); got {_show(entry)}")
-        spec = _spec(entry, path, i, taken)
+        spec = dataclasses.replace(_spec(entry, path, i, taken), derived=derived)
         if spec.id in first:
             raise CatalogError(f"{path}: dataset {spec.id!r} (datasets[{i}]): id {spec.id!r} is already the id "
                                f"of datasets[{first[spec.id]}]; ids must be unique")

@@ -26,6 +26,8 @@ from .export import add_arguments as add_export_arguments
 from .export import run as run_export
 from .logs import ACCESS, FORMATS, AccessLogger
 from .pages import DEFAULT_VIEWER
+from .prepare import add_arguments as add_prepare_arguments
+from .prepare import run as run_prepare
 from .readers import SELECTIONS, SourceError, open_source, selection_of
 from .readers.bounds import Limits, configure
 from .workers import Workers
@@ -107,6 +109,13 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--idle-timeout", type=float, default=15.0, metavar="SECONDS",
                    help="close a connection that sends no complete request for this long, its first one "
                         "included, so slow header senders cannot hold connections (default 15)")
+    p.add_argument("--derived", metavar="DIR_OR_URL",
+                   help="the store of prepared coarse levels (`bil-transform prepare`): a directory or an fsspec "
+                        "URL; a dataset's prepared levels are read from there while its files are those they were "
+                        "prepared from (default: the catalog's `derived`)")
+    p.add_argument("--prepare", action="store_true",
+                   help="prepare, in the background and at the lowest priority, the datasets that have no "
+                        "prepared levels in --derived (those being viewed first)")
     p.add_argument("--log-format", choices=FORMATS, default="text",
                    help="text (the access log in Apache's format) or json, one object a line (default text)")
 
@@ -261,7 +270,8 @@ def serve(specs: list[DatasetSpec], args: argparse.Namespace, tokens: Tokens, so
     disk = DiskTier(args.disk_cache, args.disk_cache_size) if args.disk_cache else None
     cache = Cache(args.cache_size // share, disk)
     workers = Workers(args.workers or max(1, (os.cpu_count() or 1) // share))
-    datasets = {s.id: Dataset(s, cache, recheck=args.recheck, workers=workers) for s in specs
+    derived = _derived(args, specs)
+    datasets = {s.id: Dataset(s, cache, recheck=args.recheck, workers=workers, derived=derived) for s in specs
                 if s.kind != "skeletons"}
     skeletons = {s.id: Dataset(s, cache, recheck=args.recheck, workers=workers, space=datasets[s.space])
                  for s in specs if s.kind == "skeletons"}  # after the images whose frames they are in
@@ -290,8 +300,37 @@ def serve(specs: list[DatasetSpec], args: argparse.Namespace, tokens: Tokens, so
     ready(opened)
     app = create_app(datasets, cache, workers, args.neuroglancer, tokens, args.max_region,
                      public_url=args.public_url, trust_forwarded=args.trust_forwarded, skeletons=skeletons)
+    if args.prepare and index == 0:  # one process prepares; the others read what it wrote
+        from .background import Preparer
+
+        preparer = Preparer(datasets, derived)
+        preparer.start()
+
+        async def stop_preparing(_app) -> None:
+            preparer.stop()
+
+        app.on_cleanup.append(stop_preparing)
     web.run_app(app, sock=sock, print=None, access_log=ACCESS, access_log_class=AccessLogger,
                 keepalive_timeout=args.idle_timeout, shutdown_timeout=SHUTDOWN_GRACE, backlog=BACKLOG)
+
+
+def _derived(args: argparse.Namespace, specs: list[DatasetSpec]):
+    """The store of prepared levels: --derived, else the catalog's; ServeError if it cannot be used."""
+    from .pyramid.prepared import Derived
+
+    url = args.derived or next((s.derived for s in specs if s.derived), None)
+    if url is None:
+        if args.prepare:
+            raise ServeError("--prepare writes prepared levels to the derived store: give --derived DIR_OR_URL too")
+        return None
+    try:
+        derived = Derived(url)
+    except (ValueError, ImportError, OSError) as exc:
+        raise ServeError(f"--derived {url}: not a directory or a URL fsspec can reach ({exc})") from None
+    if (spec := holding(derived.root, specs)) is not None and "://" not in url:
+        raise ServeError(f"--derived {url} is inside the directory of dataset {spec.id!r}; nothing is ever written "
+                         "next to the data: choose a directory elsewhere")
+    return derived
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -416,10 +455,13 @@ def main(argv: list[str] | None = None) -> int:
                       "(default: PATH if a directory, else its directory)")
     export = sub.add_parser("export", help="write a dataset's pyramid as files, computed on dask.distributed")
     add_export_arguments(export)
+    prepare = sub.add_parser("prepare", help="compute datasets' coarse levels once, into a derived store")
+    add_prepare_arguments(prepare)
     args = parser.parse_args(argv)
     logs.configure(getattr(args, "log_format", "text"))
     try:
-        code = {"serve": cmd_serve, "demo": cmd_demo, "info": cmd_info, "export": run_export}[args.command](args)
+        code = {"serve": cmd_serve, "demo": cmd_demo, "info": cmd_info, "export": run_export,
+                "prepare": run_prepare}[args.command](args)
     except (CatalogError, TokensError, ServeError) as exc:
         print(f"bil-transform: {exc}", file=sys.stderr)
         return 2

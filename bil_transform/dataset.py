@@ -15,6 +15,7 @@ from pathlib import Path
 from .cache import Cache
 from .catalog import DatasetSpec
 from .pyramid import Pyramid
+from .pyramid.prepared import NOT_CONFIGURED, Derived, Preparation, PreparedLevels, default_levels, fingerprint
 from .readers import SourceError, open_source
 from .readers.base import version_token
 from .tracings import Tracings, frame_of, open_tracings
@@ -48,6 +49,7 @@ class Snapshot:
     directories: tuple[str, ...] = ()  # their listings are part of the version: a new slice is seen
     listing: str | None = None  # version_token(directories), taken before the source was opened
     tracings: Tracings | None = None
+    preparation: Preparation = NOT_CONFIGURED  # what the derived store holds for this source
 
     def unchanged(self) -> bool:
         """Whether the files and listings are still what this snapshot was opened from (both stamps
@@ -71,8 +73,9 @@ class Dataset:
     """
 
     def __init__(self, spec: DatasetSpec, cache: Cache, recheck: float = 2.0, workers: Workers | None = None,
-                 space: Dataset | None = None):
+                 space: Dataset | None = None, derived: Derived | None = None):
         self.spec, self.cache, self.workers = spec, cache, workers
+        self.derived = derived  # the store of prepared coarse levels, if any
         self.space = space  # a skeleton source's image, whose frame its tracings are placed in
         self.images: tuple[Dataset, ...] = ()  # a label dataset's images: those whose catalog `labels` list it
         # derived bytes are keyed by it too, so an edited catalog entry or an upgrade makes new ones
@@ -82,6 +85,8 @@ class Dataset:
         self._lock = threading.Lock()
         self._check: Future | None = None  # the check in flight
         self._reopening = False
+        self._looked = time.monotonic()  # when the derived store was last looked at
+        self.viewed = 0.0  # when a request last read its data (monotonic): `serve --prepare` takes it first
         self.snapshot = self._open()
         self._checked = time.monotonic()
 
@@ -116,9 +121,7 @@ class Dataset:
                 overrides.update(origin=(0.0, 0.0, 0.0), native_levels=tuple(
                     dataclasses.replace(lvl, translation=None) for lvl in reader.volume.native_levels))
             reader.volume = dataclasses.replace(reader.volume, **overrides)
-            method = spec.downsample or ("mode" if spec.kind == "labels" else "mean")
-            pyramid = Pyramid(reader, self.cache.section("blocks"), spec.id, method=method, chunk=spec.chunk,
-                              workers=self.workers, revision=self.revision, reduced=self.cache.section("reduced"))
+            pyramid = self._pyramid(reader)
             encodings = precomputed_encodings(pyramid)
             if spec.encoding and spec.encoding not in encodings:
                 raise ValueError(f"the precomputed encoding {spec.encoding!r} cannot hold this {reader.volume.dtype} "
@@ -127,7 +130,59 @@ class Dataset:
             return Snapshot(None, str(exc))
         except Exception as exc:  # never let one dataset stop the server from starting
             return Snapshot(None, f"{spec.path}: cannot be opened ({type(exc).__name__}: {exc})")
-        return Snapshot(pyramid, None, directories, listing)
+        return self._with_prepared(Snapshot(pyramid, None, directories, listing))
+
+    def _pyramid(self, reader, prepared: PreparedLevels | None = None) -> Pyramid:
+        spec = self.spec
+        method = spec.downsample or ("mode" if spec.kind == "labels" else "mean")
+        return Pyramid(reader, self.cache.section("blocks"), spec.id, method=method, chunk=spec.chunk,
+                       workers=self.workers, revision=self.revision, reduced=self.cache.section("reduced"),
+                       prepared=prepared)
+
+    def _with_prepared(self, snap: Snapshot) -> Snapshot:
+        """`snap` with what the derived store holds for it: its complete prepared levels read from
+        there. A store that cannot be reached is logged, and the levels are computed as without one."""
+        if self.derived is None or snap.pyramid is None:
+            return snap
+        self._looked = time.monotonic()
+        pyramid = snap.pyramid
+        try:
+            found = self.derived.preparation(self.spec.id, fingerprint(pyramid, self.spec.selection))
+        except SourceError as exc:
+            log.warning("%s: prepared levels not used: %s", self.spec.id, exc)
+            return snap
+        if found.state == "stale" and snap.preparation.state != "stale":
+            log.warning("%s: the prepared levels in %s were made from files that have changed since; computing "
+                        "its coarse levels on the fly until it is prepared again", self.spec.id, self.derived.url)
+        if found.state != "complete" and not default_levels(pyramid):
+            found = Preparation("complete")  # small enough: no level needs preparing
+        if found.url is not None:
+            pyramid = self._pyramid(pyramid.reader, PreparedLevels(found, pyramid.volume.dtype))
+        return dataclasses.replace(snap, pyramid=pyramid, preparation=found)
+
+    LOOK_EVERY = 10.0  # seconds between looks at the derived store for a dataset in use that is not prepared
+
+    def look_for_prepared(self) -> None:
+        """Look again at the derived store, at most every LOOK_EVERY seconds and off the caller's
+        thread: levels prepared since (by `prepare` or `serve --prepare`) are read from then on."""
+        with self._lock:
+            if (self.derived is None or self.snapshot.preparation.state == "complete"
+                    or time.monotonic() - self._looked < self.LOOK_EVERY):
+                return
+            self._looked = time.monotonic()
+        self._checks.submit(self.reattach)
+
+    def reattach(self) -> None:
+        """Swap in the current snapshot with the derived store's current state (a reopen in flight
+        wins: it looks itself)."""
+        with self._lock:
+            if self._reopening:
+                return
+            old = self.snapshot
+        new = self._with_prepared(old)
+        with self._lock:
+            if self.snapshot is old:
+                self.snapshot = new
 
     def _open_tracings(self, directories: tuple[str, ...], listing: str | None, before: Tracings | None) -> Snapshot:
         """A skeleton source's snapshot: placed in the frame of its space image's current snapshot."""

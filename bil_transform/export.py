@@ -40,6 +40,7 @@ always exported with all their levels.
 from __future__ import annotations
 
 import argparse
+import io
 import itertools
 import json
 import logging
@@ -96,15 +97,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "reach the dataset's files and OUT (default: a local cluster)")
     p.add_argument("--workers", type=int, metavar="N",
                    help=f"worker processes of the local cluster (default one per core: {os.cpu_count()})")
-    p.add_argument("--task-size", type=_size, metavar="SIZE",
+    p.add_argument("--task-size", type=size_arg, metavar="SIZE",
                    help="source voxels one task covers at most (default: enough tasks for every worker, "
                         "16MiB to 256MiB)")
-    p.add_argument("--cache-size", type=_size, metavar="SIZE",
+    p.add_argument("--cache-size", type=size_arg, metavar="SIZE",
                    help="memory each worker process keeps decoded data in (default 1GiB or a third of a worker's "
                         "memory limit, and at least 4x --task-size)")
 
 
-def _size(text: str) -> int:
+def size_arg(text: str) -> int:
     from .cli import parse_size  # cli imports this module: import it when it is complete
 
     return parse_size(text)
@@ -125,6 +126,10 @@ class Job:
     versions: tuple[tuple, ...]  # each spec's pyramid key as planned: nothing it derives from may change
     cache_size: int
     kept: tuple[int, ...] | None  # --levels of the dataset (None: all)
+    # Resumable runs (prepare): where each finished task leaves a marker holding the blocks it hands
+    # on, and the tasks whose markers a run started with (they hand on those blocks, and run nothing)
+    markers: str | None = None
+    finished: frozenset[str] = frozenset()
 
 
 def parse_levels(text: str, count: int) -> tuple[int, ...]:
@@ -387,6 +392,7 @@ class _Opened:
         self.pyramids = {None: opened[image.id], **{s.id: opened[s.id] for s in labels}}
         self.view = make_view(opened[image.id], job.view, chunks, compression=image.compression,
                               encoding=image.encoding, labels={s.id: opened[s.id] for s in labels})
+        self.job = job
         self.fs, self.root = fsspec.core.url_to_fs(job.out)
         self.made: set[str] = set()
         self.lock = threading.Lock()
@@ -412,8 +418,31 @@ class _Opened:
             self.files += 1
             self.bytes += written
 
+    def mark(self, node: Node, handoff: list) -> None:
+        """Leave the marker saying `node` is done, holding what it hands on; written aside and
+        renamed, so a marker that exists is whole."""
+        buffer = io.BytesIO()
+        meta = [[label, level, t, c, list(index)] for label, level, t, c, index, _ in handoff]
+        np.savez(buffer, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8),
+                 **{f"b{i}": part[-1] for i, part in enumerate(handoff)})
+        path = f"{self.job.markers}/{marker(node.name)}"
+        self.fs.pipe_file(f"{path}.part", buffer.getvalue())
+        self.fs.mv(f"{path}.part", path)
+
+    def marked(self, node: Node) -> list:
+        """What a node finished by an earlier run handed on, from its marker."""
+        with self.fs.open(f"{self.job.markers}/{marker(node.name)}", "rb") as f, np.load(f) as saved:
+            meta = json.loads(saved["meta"].tobytes())
+            return [(label, level, t, c, tuple(index), saved[f"b{i}"])
+                    for i, (label, level, t, c, index) in enumerate(meta)]
+
     def source_bytes(self) -> int:
         return self.workers.meter.snapshot()["source_bytes"]
+
+
+def marker(name: str) -> str:
+    """The file name of a node's marker: its place in the plan (the dask key's last part)."""
+    return f"{name.rsplit('-', 1)[-1]}.npz"
 
 
 _OPENED: dict[str, _Opened] = {}
@@ -430,17 +459,22 @@ def _opened(job: Job) -> _Opened:
 def write_node(job: Job, node: Node, *handed: list) -> list:
     """Seed the blocks the children handed over, write the node's files, hand on its own blocks."""
     opened = _opened(job)
+    if node.name in job.finished:
+        return opened.marked(node)
     for part in handed:
         for label, level, t, c, index, block in part:
             opened.pyramids[label].seed(level, t, c, index, block)
     for key in node.keys:
         opened.write(key)
-    if node.handoff is None:
-        return []
-    label, level, ranges, tcs = node.handoff
-    pyramid = opened.pyramids[label]
-    return [(label, level, t, c, index, pyramid.block(level, t, c, index))
-            for t, c in tcs for index in itertools.product(*ranges)]
+    out = []
+    if node.handoff is not None:
+        label, level, ranges, tcs = node.handoff
+        pyramid = opened.pyramids[label]
+        out = [(label, level, t, c, index, pyramid.block(level, t, c, index))
+               for t, c in tcs for index in itertools.product(*ranges)]
+    if job.markers is not None:
+        opened.mark(node, out)
+    return out
 
 
 def write_last(job: Job, keys: list[str]) -> None:
@@ -503,8 +537,8 @@ class Progress:
     """Tasks done out of all, and files written, on stderr: redrawn in place on a terminal, a line
     per tenth otherwise (a log keeps every line)."""
 
-    def __init__(self, tasks: int, files: int, stream=None):
-        self.tasks, self.files, self.stream = tasks, files, stream or sys.stderr
+    def __init__(self, tasks: int, files: int, stream=None, name: str = "export"):
+        self.tasks, self.files, self.stream, self.name = tasks, files, stream or sys.stderr, name
         self.done = self.written = 0
         self.start = time.monotonic()
         self.tty = self.stream.isatty()
@@ -517,7 +551,7 @@ class Progress:
         if self.tty or tenth != self.shown:
             self.shown = tenth
             bar = "#" * (20 * self.done // max(1, self.tasks))
-            line = (f"export [{bar:<20}] {self.done}/{self.tasks} tasks, {self.written}/{self.files} files, "
+            line = (f"{self.name} [{bar:<20}] {self.done}/{self.tasks} tasks, {self.written}/{self.files} files, "
                     f"{time.monotonic() - self.start:.1f} s")
             self.stream.write(f"\r{line}" if self.tty else f"{line}\n")
             self.stream.flush()
@@ -529,7 +563,7 @@ class Progress:
 
 
 @contextmanager
-def _client(args: argparse.Namespace):
+def cluster_client(args: argparse.Namespace):
     """A client of the cluster named by --scheduler, or of a local cluster of --workers processes."""
     from distributed import Client, LocalCluster
 
@@ -545,11 +579,12 @@ def _client(args: argparse.Namespace):
             yield client
         return
     with LocalCluster(n_workers=args.workers or os.cpu_count() or 1, threads_per_worker=1, processes=True,
-                      dashboard_address=":0", silence_logs=logging.CRITICAL) as cluster, Client(cluster) as client:
+                      dashboard_address="127.0.0.1:0", silence_logs=logging.CRITICAL) as cluster, \
+            Client(cluster) as client:
         yield client
 
 
-def _sizes(args: argparse.Namespace, client, total: int) -> tuple[int, int]:
+def sizes(args: argparse.Namespace, client, total: int) -> tuple[int, int]:
     """(task size, cache size per worker process): given, or enough tasks for every worker thread
     within a quarter of a cache that takes at most a third of a worker's memory limit."""
     threads = sum(client.nthreads().values()) or 1
@@ -561,7 +596,7 @@ def _sizes(args: argparse.Namespace, client, total: int) -> tuple[int, int]:
     return int(task), cache
 
 
-def _megabytes(n: int) -> str:
+def megabytes(n: int) -> str:
     return f"{n / 1e6:.1f} MB"
 
 
@@ -608,15 +643,15 @@ def _run(args: argparse.Namespace) -> int:
 
     run_id = uuid.uuid4().hex[:12]
     start = time.monotonic()
-    with _client(args) as client:
+    with cluster_client(args) as client:
         processes = len(client.nthreads())
         vol = pyramid.volume
-        budget, cache_size = _sizes(args, client, math.prod(vol.shape) * vol.dtype.itemsize)
+        budget, cache_size = sizes(args, client, math.prod(vol.shape) * vol.dtype.itemsize)
         job = Job(run_id, specs, args.view, url, tuple(opened[s.id].key for s in specs), cache_size, kept)
         nodes, last = plan({None: pyramid, **{s.id: opened[s.id] for s in labels}}, chosen, budget, run_id)
         progress = Progress(len(nodes) + 1, len(chosen))
         try:
-            failed = _compute(client, job, nodes, last, progress)
+            failed = compute(client, job, nodes, last, progress)
         finally:
             progress.close()
             stats = client.run(finish, run_id)  # and forget: a long-lived cluster keeps nothing of this export
@@ -629,13 +664,13 @@ def _run(args: argparse.Namespace) -> int:
     size = sum(s["bytes"] for s in stats.values())
     read = sum(s["source_bytes"] for s in stats.values())
     shown = f"levels {', '.join(map(str, kept))} of " if kept else ""
-    print(f"bil-transform export: wrote {wrote} files ({_megabytes(size)}) of {shown}the {args.view} view of "
+    print(f"bil-transform export: wrote {wrote} files ({megabytes(size)}) of {shown}the {args.view} view of "
           f"{image.id!r} to {args.out} in {seconds:.1f} s on {processes} worker process(es); read "
-          f"{_megabytes(read)} of source voxels ({read} bytes)", file=sys.stderr)
+          f"{megabytes(read)} of source voxels ({read} bytes)", file=sys.stderr)
     return 0
 
 
-def _compute(client, job: Job, nodes: list[Node], last: list[str], progress: Progress) -> str | None:
+def compute(client, job: Job, nodes: list[Node], last: list[str], progress: Progress) -> str | None:
     """Submit the tasks (children first), then the last one once all are written; the first
     failure, in one line, or None."""
     from distributed import as_completed

@@ -115,6 +115,14 @@ class _Live(Collector):
         datasets.add_metric(["ok"], sum(s.error is None for s in snapshots))
         datasets.add_metric(["error"], sum(s.error is not None for s in snapshots))
         yield datasets
+        prepared = GaugeMetricFamily("bil_transform_prepared_datasets", "Datasets by the state of their prepared "
+                                     "coarse levels (serve --derived)", labels=["state"])
+        states = [s.preparation.state for s in snapshots if s.pyramid is not None]
+        for state in ("none", "in progress", "complete", "stale"):
+            prepared.add_metric([state], states.count(state))
+        yield prepared
+        yield GaugeMetricFamily("bil_transform_prepared_bytes", "Bytes of the prepared levels the datasets read",
+                                value=sum(s.preparation.bytes for s in snapshots))
 
 
 def _disk(stats: Mapping[str, int]) -> Iterable[Metric]:
@@ -136,7 +144,8 @@ class _Mirror:
     up with the other processes': counters by what they grew since the last sync, gauges as they
     are (summed over the live processes, or the largest where every process holds the same)."""
 
-    MODES = {"bil_transform_datasets": "livemax", "bil_transform_disk_cache_bytes": "livemax",
+    MODES = {"bil_transform_datasets": "livemax", "bil_transform_prepared_datasets": "livemax",
+             "bil_transform_prepared_bytes": "livemax", "bil_transform_disk_cache_bytes": "livemax",
              "bil_transform_disk_cache_entries": "livemax", "bil_transform_disk_cache_max_bytes": "livemax"}
 
     def __init__(self, live: Collector):

@@ -36,6 +36,8 @@ def summary(ds: Dataset, snap: Snapshot | None = None) -> dict:
     pyramid = snap.pyramid
     vol = pyramid.volume
     served = served_dtype(vol.dtype, vol.kind)
+    if ds.derived is not None:  # served with a store of prepared levels: what it holds for this source
+        doc["preparation"] = snap.preparation.public()
     return {
         **doc,
         "status": "ok",
@@ -68,6 +70,8 @@ def describe(ds: Dataset, reveal: bool = True, skeletons: Sequence[Dataset] = ()
     plane to estimate contrast, so an embargoed dataset shows them only to a token holder). An
     image lists the skeleton sources traced on it; a skeleton source, with `reveal`, its neurons
     that match the search `terms`."""
+    if ds.derived is not None and ds.snapshot.preparation.state != "complete":
+        ds.reattach()  # the preparation's progress as it is now
     snap = ds.snapshot
     doc, pyramid = summary(ds, snap), snap.pyramid
     if skeletons:

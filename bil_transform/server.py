@@ -275,6 +275,8 @@ async def _current(request: web.Request, ds: Dataset) -> Snapshot:
     access.check_dataset(ds, _token(request), request.app[TOKENS])
     if access.embargoed(ds):
         request["private"] = True
+    ds.viewed = time.monotonic()
+    ds.look_for_prepared()
     pending = ds.check()
     if pending is not None:  # shielded: a client that leaves must not cancel a check others rely on
         await asyncio.shield(asyncio.wrap_future(pending))

@@ -26,6 +26,7 @@ from ..readers import Reader, Region, SourceError
 from ..readers.base import within
 from ..workers import Workers
 from .downsample import METHODS
+from .prepared import PreparedLevels
 
 log = logging.getLogger("bil_transform")
 
@@ -75,7 +76,7 @@ def plan_levels(reader: Reader, chunk: tuple[int, int, int]) -> list[Level]:
 class Pyramid:
     def __init__(self, reader: Reader, blocks: Section, key: str, method: str = "mean",
                  chunk: tuple[int, int, int] = DEFAULT_CHUNK, workers: Workers | None = None, revision: str = "",
-                 reduced: Section | None = None):
+                 reduced: Section | None = None, prepared: PreparedLevels | None = None):
         if method not in METHODS:
             raise ValueError(f"unknown downsampling method {method!r}; choose one of {', '.join(METHODS)}")
         self.reader, self.blocks, self.method = reader, blocks, method
@@ -83,6 +84,7 @@ class Pyramid:
         # source under it, so they are worth keeping on a disk tier (the server persists this section).
         self.reduced = reduced if reduced is not None else blocks
         self.workers = workers or Workers(1)
+        self.prepared = prepared  # computed levels read from a derived store instead
         self.volume = reader.volume
         # Everything the bytes derive from: the files' version, and `revision` for the rest (the
         # catalog entry and the code), so keys and ETags stay true across restarts and upgrades.
@@ -120,6 +122,9 @@ class Pyramid:
         if not all(0 <= i < g for i, g in zip(index, lvl.grid)):
             raise IndexError(f"block {index} is outside the grid {lvl.grid} of level {level}")
         jobs.checkpoint()  # between blocks: a coarse block of a huge source fans out over millions
+        if self.prepared is not None and level in self.prepared.levels:
+            return self.blocks.get_or_compute(("prepared", *self.key, level, t, c, index), lambda: self._timed(
+                level, lambda: _frozen(self.prepared.read(level, t, c, self._region(level, index)), self.volume.dtype)))
         if lvl.native is None:
             return self.reduced.get_or_compute(("block", *self.key, level, t, c, index),
                                                lambda: self._timed(level, self._reduce, level, t, c, index))
@@ -129,6 +134,10 @@ class Pyramid:
         key = ("slab", *self.key, level, t, c, tuple(r.start for r in slab))
         data = self.blocks.get_or_compute(key, lambda: self._timed(level, self._read, lvl.native, t, c, region))
         return data[within(self._region(level, index), region)]
+
+    def stored(self, level: int) -> bool:
+        """Whether blocks of `level` are read (from the source, or a derived store), not computed."""
+        return self.levels[level].native is not None or (self.prepared is not None and level in self.prepared.levels)
 
     def seed(self, level: int, t: int, c: int, index: tuple[int, int, int], block: np.ndarray) -> None:
         """Take a block of a computed level made elsewhere (by another process of an export), so
