@@ -123,9 +123,9 @@ class Pyramid:
             raise IndexError(f"block {index} is outside the grid {lvl.grid} of level {level}")
         jobs.checkpoint()  # between blocks: a coarse block of a huge source fans out over millions
         if self.prepared is not None and level in self.prepared.levels:
-            region = self._region(level, index)
+            region, dtype = self._region(level, index), self.volume.dtype
             return self.blocks.get_or_compute(("prepared", *self.key, level, t, c, index),
-                                              lambda: _frozen(self.prepared.read(level, t, c, region), self.volume.dtype))
+                                              lambda: _frozen(self.prepared.read(level, t, c, region), dtype))
         if lvl.native is None:
             return self.reduced.get_or_compute(("block", *self.key, level, t, c, index),
                                                lambda: self._timed(level, self._reduce, level, t, c, index))
