@@ -82,9 +82,8 @@ class Slurm:
         subprocess.run(["mungekey", "-c", "-k", str(key)], check=True, capture_output=True, timeout=30)
         # --force: pytest's temporary directories are 0700, which munged's permission walk warns about.
         self._spawn("munged", ["munged", "-F", "--force", f"--key-file={key}", f"--socket={sock}",
-                               f"--pid-file={r / 'munged.pid'}", f"--log-file={r / 'log' / 'munged.log'}",
-                               f"--seed-file={r / 'munged.seed'}"], r / "log" / "munged.log")
-        self._wait(lambda: sock.exists(), "munged", r / "log" / "munged.log", timeout)
+                               f"--pid-file={r / 'munged.pid'}", f"--seed-file={r / 'munged.seed'}"])
+        self._wait(sock.exists, "munged", timeout)
 
         host = socket.gethostname().split(".")[0]
         node = _node().split()
@@ -123,32 +122,40 @@ class Slurm:
         ]))
         self.host = host
         # -i: ignore state a previous run left (there is none: the state directory is new).
-        self._spawn("slurmctld", ["slurmctld", "-D", "-i", "-f", str(self.conf)], r / "log" / "slurmctld.log")
-        self._spawn("slurmd", ["slurmd", "-D", "-N", host, "-f", str(self.conf)], r / "log" / "slurmd.log")
-        self._wait(self._idle, "slurmd", r / "log" / "slurmd.log", timeout)
+        self._spawn("slurmctld", ["slurmctld", "-D", "-i", "-f", str(self.conf)])
+        self._spawn("slurmd", ["slurmd", "-D", "-N", host, "-f", str(self.conf)])
+        self._wait(self._idle, "the node", timeout)
 
-    def _spawn(self, name: str, argv: list[str], log: Path) -> None:
+    def _spawn(self, name: str, argv: list[str]) -> None:
+        """A daemon in the foreground; its own log file (if it keeps one) and its stderr are under log/."""
         out = open(self.root / "log" / f"{name}.stdout", "wb")
         self.procs[name] = subprocess.Popen(argv, env=self.env, stdout=out, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL, start_new_session=True)
         out.close()
 
-    def _wait(self, ready, name: str, log: Path, timeout: float) -> None:
+    def _logs(self, names) -> str:
+        log = self.root / "log"
+        return "\n".join(f"--- {f}\n{_tail(f)}" for n in names for f in (log / f"{n}.log", log / f"{n}.stdout")
+                         if f.exists())
+
+    def _wait(self, ready, what: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while not ready():
             for n, p in self.procs.items():
                 if p.poll() is not None:
-                    raise SlurmError(f"{n} exited with code {p.returncode} while starting; its log "
-                                     f"({self.root / 'log'}):\n{_tail(self.root / 'log' / f'{n}.log')}\n"
-                                     f"{_tail(self.root / 'log' / f'{n}.stdout')}")
+                    raise SlurmError(f"{n} exited with code {p.returncode} while starting:\n{self._logs([n])}")
             if time.monotonic() > deadline:
-                raise SlurmError(f"{name} not ready after {timeout:.0f} s; its log ({log}):\n{_tail(log)}")
+                raise SlurmError(f"{what} not ready after {timeout:.0f} s (sinfo: {self._sinfo()!r}):\n"
+                                 f"{self._logs(self.procs)}")
             time.sleep(0.2)
 
-    def _idle(self) -> bool:
+    def _sinfo(self) -> str:
         out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], env=self.env, capture_output=True, text=True,
                              timeout=30)
-        return out.returncode == 0 and f"{self.host} idle" in out.stdout
+        return (out.stdout + out.stderr).strip()
+
+    def _idle(self) -> bool:
+        return self._sinfo() == f"{self.host} idle"
 
     def run(self, *argv: str) -> str:
         """A Slurm command (squeue, scontrol, ...) against this cluster: its stdout."""
